@@ -1,0 +1,79 @@
+"""Shared click plumbing for the `jowa-data` and `jowa` command groups.
+
+Expected errors (`JowaError`) print one line naming the file and the problem and exit with 1,
+without a traceback; `--debug` (or JOWA_DEBUG=1) shows the traceback. Usage errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from jowa_data.errors import JowaError
+
+
+class JowaGroup(click.Group):
+    """A click group that turns `JowaError` into a one-line message and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except JowaError as e:
+            if ctx.meta.get("jowa_debug") or os.environ.get("JOWA_DEBUG") == "1":
+                raise
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(1)
+
+
+def debug_option(f):
+    def cb(ctx: click.Context, _param, value: bool):
+        if value:
+            ctx.meta["jowa_debug"] = True
+        return value
+
+    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=cb,
+                        help="Show full tracebacks for errors.")(f)
+
+
+def manifests_option(f):
+    """`--manifests DIR` (repeatable): extra/alternative manifest folders."""
+    return click.option("--manifests", "manifest_dirs", multiple=True, type=click.Path(file_okay=False),
+                        help="Manifest folder(s) to use instead of the shipped manifests/ (repeatable).")(f)
+
+
+def load_registry(manifest_dirs: tuple[str, ...]):
+    from jowa_data.manifest import load_manifests
+
+    return load_manifests(list(manifest_dirs) if manifest_dirs else None)
+
+
+def echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def stderr_console():
+    """A rich console on stderr: progress and tables for people never pollute --json stdout."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def stdout_console():
+    from rich.console import Console
+
+    # Wide enough for our tables when piped (rich would fall back to 80 columns).
+    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)
