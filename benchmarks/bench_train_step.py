@@ -1,0 +1,97 @@
+"""Stage-2 training-step throughput of the world-action model (fwd + all losses + bwd + clip + AdamW).
+
+Same step as the official anchor (official-anchors.md item 4a: JOWA-40M, B=8 segments x L=8 steps, token input,
+bf16 autocast on CPU, 2 threads: 939 ms/step = 2,522 tokens/s): one row terminates at step 5 and is right-padded
+for 2 steps, random actions / rewards in {-1,0,1} / tasks, model in train mode, target copy after the step.
+
+    python benchmarks/bench_train_step.py --config 40M --batch 8 --bf16 [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from jowa_model.losses import LossConfig, compute_loss
+from jowa_model.presets import model_preset
+from jowa_model.world_action import WorldActionModel
+
+OFFICIAL_40M_BF16_TOK_S = 2522.0  # official-anchors.md, item 4a
+
+
+def make_batch(cfg, batch: int, steps: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    b = dict(tokens=torch.randint(0, cfg.obs_vocab, (batch, steps, cfg.obs_tokens), generator=gen),
+             actions=torch.randint(0, cfg.num_actions, (batch, steps), generator=gen),
+             rewards=torch.randint(-1, 2, (batch, steps), generator=gen).float(),
+             ends=torch.zeros(batch, steps, dtype=torch.long),
+             mask_padding=torch.ones(batch, steps, dtype=torch.bool),
+             task_ids=torch.randint(0, 15, (batch,), generator=gen))
+    if steps > 5:
+        b["ends"][0, 5] = 1
+        b["mask_padding"][0, 6:] = False
+    return b
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="40M", help="model preset: tiny | 40M | 70M | 150M")
+    ap.add_argument("--batch", type=int, default=8, help="segments per step")
+    ap.add_argument("--steps", type=int, default=8, help="steps per segment (L)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the anchor used 2)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (experimental)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = model_preset(args.config)
+    model = WorldActionModel(cfg).train()
+    opt = torch.optim.AdamW(model.param_groups(5e-5, 5e-5, 0.01), foreach=True)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    loss_cfg = LossConfig()
+    batch = make_batch(cfg, args.batch, args.steps, torch.Generator().manual_seed(0))
+    fwd = torch.compile(model) if args.compile else model
+
+    def step(i: int) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            terms = compute_loss(fwd, batch, loss_cfg, stage=2)
+        opt.zero_grad(set_to_none=True)
+        terms.total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        model.step_target(i)
+
+    times = []
+    for i in range(args.warmup + args.reps):
+        t0 = time.perf_counter()
+        step(i + 1)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        print(f"step {i + 1}: {1000 * (time.perf_counter() - t0):.0f} ms", file=sys.stderr)
+    ms = 1000 * statistics.median(times)
+    tokens = args.batch * args.steps * cfg.block_size
+    out = dict(config=args.config, batch=args.batch, steps=args.steps, bf16=args.bf16, threads=args.threads,
+               ms_per_step=round(ms, 1), tokens_per_s=round(tokens / ms * 1000, 1),
+               segments_per_s=round(args.batch / ms * 1000, 2), reps=args.reps,
+               trainable_params=model.parameter_counts()["trainable"])
+    if args.config == "40M" and args.bf16 and args.batch == 8 and args.steps == 8:
+        out["speedup_vs_official"] = round(out["tokens_per_s"] / OFFICIAL_40M_BF16_TOK_S, 2)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.config} B={args.batch} L={args.steps} bf16={args.bf16}: {ms:.1f} ms/step, "
+              f"{out['tokens_per_s']:.0f} tokens/s" + (f" ({out['speedup_vs_official']}x official 2,522 tok/s)"
+                                                       if "speedup_vs_official" in out else ""))
+    return out
+
+
+if __name__ == "__main__":
+    main()

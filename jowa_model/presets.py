@@ -1,0 +1,41 @@
+"""World-action model presets: the paper's three sizes (Tables 11-12) and a CPU-sized `tiny`.
+
+Trainable counts with the defaults (official code, official-anchors.md): 40M 17,416,091; 70M 50.6M;
+150M 109.1M. The size names also count the target head and the tokenizer (fact sheet §2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from jowa_data.errors import ConfigError
+from jowa_model.world_action import WorldActionConfig
+
+
+def tiny() -> WorldActionConfig:
+    """Trains in seconds on a 2-core CPU: for tests, demos and smoke runs. Two Q members exercise the ensemble."""
+    return WorldActionConfig(num_layers=2, num_heads=2, embed_dim=64, q_hidden=64, num_q=2)
+
+
+def jowa_40m() -> WorldActionConfig:
+    return WorldActionConfig(num_layers=4, num_heads=8, embed_dim=512, q_hidden=768, num_q=1)
+
+
+def jowa_70m() -> WorldActionConfig:
+    return WorldActionConfig(num_layers=6, num_heads=12, embed_dim=768, q_hidden=1024, num_q=1)
+
+
+def jowa_150m() -> WorldActionConfig:
+    return WorldActionConfig(num_layers=12, num_heads=12, embed_dim=768, q_hidden=1792, num_q=3)
+
+
+PRESETS: dict[str, Callable[[], WorldActionConfig]] = {"tiny": tiny, "40M": jowa_40m, "70M": jowa_70m,
+                                                        "150M": jowa_150m}
+
+
+def model_preset(name: str, **overrides) -> WorldActionConfig:
+    """Config of a named preset, with optional field overrides (e.g. mtbc=True)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset '{name}' (choose from {', '.join(PRESETS)})")
+    return dataclasses.replace(PRESETS[name](), **overrides)

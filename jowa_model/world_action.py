@@ -1,0 +1,421 @@
+"""The JOWA world-action model: one causal transformer, four heads (paper sec. 3.1, appendix E).
+
+A segment of L steps is one token sequence of interleaved blocks `[36 obs tokens, 1 action token]`
+(37 tokens per step, L=8 gives 296 tokens). Input = token embedding (separate tables for the 2048 obs
+codes and the 18 full ALE actions) + a learned absolute position embedding + a task embedding (separate
+tables for obs and action positions). Which table a token uses is implied by its absolute position:
+`pos % 37 == 36` is an action token. The backbone is minGPT/nanoGPT pre-LN with a fused qkv Linear and
+`F.scaled_dot_product_attention` (flash kernels on GPU, the fused CPU kernel here).
+
+Heads read only the positions they need (official JOWA "slicers", fact sheet §2):
+  obs head     positions 0..34 and 36 of each block -> the NEXT obs token (2048 classes)
+  reward head  position 36 (action token)            -> sign(r_t) + 1 (3 classes)
+  end head     position 36                           -> d_t (2 classes)
+  Q head       position 35 (last obs token)          -> num_q x 18 x 51 C51 logits (sees o_<=t, a_<t)
+The target Q head is a frozen copy of the Q head applied to the ONLINE backbone features (there is no
+target transformer); `update_target()` hard-copies it (every 1000 steps, see `step_target`).
+
+Planner API (KV cache; exact: cached incremental forward == full forward, see tests):
+  cache = model.init_cache(batch, max_tokens=296, dtype=None)     # KVCache, preallocated, length 0
+  h = model.forward_cached(tokens (B, T) long, task_ids (B,), cache)   # (B, T, D); cache.length += T
+      token kinds are implied by the absolute position cache.length + arange(T) (mod 37)
+  cache.repeat_interleave(k) / cache.index_select(idx) / cache.clone()  # beams: whole-tensor ops
+  model.obs_logits(h) (.., 2048) · model.reward_logits(h) (.., 3) · model.end_logits(h) (.., 2)
+  model.q_values(h, action_mask) (.., 18): expected Q of the ensemble-mean C51 distribution, -inf where
+      action_mask is False.  model.action_mask_for(task_ids) -> (B, 18) bool from the buffer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jowa_data.actions import FULL_ACTIONS
+from jowa_data.errors import ConfigError
+
+if TYPE_CHECKING:
+    from jowa_data.manifest import ManifestRegistry
+
+NUM_TASKS = 60  # the official alphabetical 60-game list (Breakout = 13)
+
+
+@dataclass
+class WorldActionConfig:
+    # --- token layout (paper sec. 3.1; fact sheet §2) ---
+    obs_vocab: int = 2048  # VQ codebook size = obs token classes (Table 9)
+    num_actions: int = 18  # full ALE action set; action tokens are full ids 0..17
+    obs_tokens: int = 36  # tokens per frame (6x6 grid)
+    max_steps: int = 8  # L: steps per segment (Table 10: 296 max tokens = 8 x 37)
+    num_tasks: int = NUM_TASKS  # rows of the task-embedding tables
+    use_task_embed: bool = True  # paper ablation "no task embedding" sets False
+    # --- transformer (Tables 10-11) ---
+    num_layers: int = 4  # transformer blocks
+    num_heads: int = 8  # attention heads
+    embed_dim: int = 512  # D, hidden size
+    dropout: float = 0.1  # embedding, attention and residual dropout (Table 10)
+    # --- distributional Q head (Table 12; C51, Bellemare et al. 2017) ---
+    q_hidden: int = 768  # M, MLP width of each ensemble member
+    num_q: int = 1  # ensemble members; their softmax probabilities are averaged
+    q_dropout: float = 0.01  # dropout after the first Q-head Linear (TD-MPC2 style)
+    num_atoms: int = 51  # C51 atoms
+    v_min: float = -10.0  # support lower edge (official critic config)
+    v_max: float = 30.0  # support upper edge
+    # --- variants ---
+    mtbc: bool = False  # paper E.1.2 MTBC baseline: no world heads, Q head -> 18 action logits (BC)
+    target_update_every: int = 1000  # steps between hard target-head copies (official config)
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per step: the obs tokens plus one action token."""
+        return self.obs_tokens + 1
+
+    @property
+    def max_tokens(self) -> int:
+        return self.max_steps * self.block_size
+
+    def validate(self) -> "WorldActionConfig":
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads={self.num_heads}")
+        if self.num_atoms < 2 and not self.mtbc:
+            raise ConfigError(f"model.num_atoms must be >= 2, got {self.num_atoms}")
+        if not self.v_min < self.v_max:
+            raise ConfigError(f"model.v_min ({self.v_min}) must be < model.v_max ({self.v_max})")
+        for name in ("num_layers", "num_heads", "num_q", "max_steps", "obs_tokens", "num_tasks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+@dataclass
+class KVCache:
+    """Keys/values of every layer in two preallocated tensors (layers, B, heads, max_tokens, head_dim).
+
+    One tensor per K and V (not per layer) so that beam bookkeeping is a single tensor op.
+    `length` is the number of filled positions, equal for every row (beams advance together).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_tokens(self) -> int:
+        return self.k.shape[3]
+
+    def repeat_interleave(self, repeats: int) -> "KVCache":
+        """Row i becomes rows i*r .. i*r+r-1 (children of beam node i)."""
+        return KVCache(self.k.repeat_interleave(repeats, dim=1), self.v.repeat_interleave(repeats, dim=1), self.length)
+
+    def index_select(self, idx: torch.Tensor) -> "KVCache":
+        """Keep/reorder rows (surviving beams); idx (B',) long."""
+        return KVCache(self.k.index_select(1, idx), self.v.index_select(1, idx), self.length)
+
+    def clone(self) -> "KVCache":
+        return KVCache(self.k.clone(), self.v.clone(), self.length)
+
+
+# ---------------------------------------------------------------------------------------------- backbone
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: WorldActionConfig):
+        super().__init__()
+        self.n_head = cfg.num_heads
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)  # fused q, k, v
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        self.attn_dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3x (B, H, T, hd)
+        p = self.attn_dropout if self.training else 0.0
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            kc, vc = kv  # (B, H, max_tokens, hd) views into the cache
+            kc[:, :, start:start + T] = k
+            vc[:, :, start:start + T] = v
+            k, v = kc[:, :, :start + T].to(q.dtype), vc[:, :, :start + T].to(q.dtype)  # (B, H, start+T, hd)
+            mask = None
+            if T > 1:  # SDPA's is_causal is top-left aligned; new queries sit at the bottom right
+                mask = torch.arange(start + T, device=x.device) <= torch.arange(start, start + T, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, D)
+        return self.resid_dropout(self.proj(y))
+
+
+class Block(nn.Module):
+    """minGPT pre-LN block: x += attn(ln(x)); x += mlp(ln(x))."""
+
+    def __init__(self, cfg: WorldActionConfig):
+        super().__init__()
+        d = cfg.embed_dim
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(cfg.dropout))
+
+    def forward(self, x, kv=None, start: int = 0):
+        x = x + self.attn(self.ln_1(x), kv, start)
+        return x + self.mlp(self.ln_2(x))
+
+
+def _mlp_head(d: int, out: int) -> nn.Sequential:
+    """2-layer predictor of the world heads (appendix E: Linear, ReLU, Linear)."""
+    return nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, out))
+
+
+class EnsembleQHead(nn.Module):
+    """`num_q` TD-MPC2-style MLPs run as batched matmuls over stacked weights (no vmap).
+
+    Member: Linear(D,M), Dropout, LN, Mish; Linear(M,M), LN, Mish; Linear(M, out). Weights are stored
+    (num_q, in, out) and initialised like nn.Linear's default (the official head skips the GPT init).
+    """
+
+    def __init__(self, d: int, m: int, num_q: int, out: int, dropout: float):
+        super().__init__()
+        shapes = [(d, m), (m, m), (m, out)]
+        self.weights = nn.ParameterList([nn.Parameter(torch.empty(num_q, i, o)) for i, o in shapes])
+        self.biases = nn.ParameterList([nn.Parameter(torch.empty(num_q, o)) for _, o in shapes])
+        self.ln_weights = nn.ParameterList([nn.Parameter(torch.ones(num_q, m)) for _ in range(2)])
+        self.ln_biases = nn.ParameterList([nn.Parameter(torch.zeros(num_q, m)) for _ in range(2)])
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w, b in zip(self.weights, self.biases):
+            bound = 1.0 / math.sqrt(w.shape[1])  # = kaiming_uniform(a=sqrt(5)) of nn.Linear
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> (num_q, N, out)."""
+        h = x.unsqueeze(0).expand(self.weights[0].shape[0], -1, -1)  # (Q, N, D)
+        for i in range(3):
+            h = torch.baddbmm(self.biases[i].unsqueeze(1), h, self.weights[i])  # (Q, N, out_i)
+            if i == 2:
+                return h
+            if i == 0:
+                h = self.dropout(h)
+            h = F.layer_norm(h, h.shape[-1:]) * self.ln_weights[i].unsqueeze(1) + self.ln_biases[i].unsqueeze(1)
+            h = F.mish(h)
+        raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class WorldActionModel(nn.Module):
+    def __init__(self, cfg: WorldActionConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = (cfg or WorldActionConfig()).validate()
+        d = cfg.embed_dim
+        self.obs_emb = nn.Embedding(cfg.obs_vocab, d)
+        self.act_emb = nn.Embedding(cfg.num_actions, d)
+        self.pos_emb = nn.Embedding(cfg.max_tokens, d)
+        if cfg.use_task_embed:
+            self.task_obs_emb = nn.Embedding(cfg.num_tasks, d)
+            self.task_act_emb = nn.Embedding(cfg.num_tasks, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.ln_f = nn.LayerNorm(d)
+        if not cfg.mtbc:
+            self.head_obs = _mlp_head(d, cfg.obs_vocab)
+            self.head_reward = _mlp_head(d, 3)
+            self.head_end = _mlp_head(d, 2)
+        q_out = cfg.num_actions if cfg.mtbc else cfg.num_actions * cfg.num_atoms
+        self.head_q = EnsembleQHead(d, cfg.q_hidden, cfg.num_q, q_out, cfg.q_dropout)
+        self.apply(self._init_weights)
+        if not cfg.mtbc:
+            self.head_q_target = copy.deepcopy(self.head_q).requires_grad_(False).eval()
+        self.register_buffer("support", torch.linspace(cfg.v_min, cfg.v_max, cfg.num_atoms), persistent=False)
+        # valid full actions per task (num_tasks, 18); all True until set from the manifests
+        self.register_buffer("action_masks", torch.ones(cfg.num_tasks, cfg.num_actions, dtype=torch.bool))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):  # GPT init (official JOWA); the Q head keeps its own
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if hasattr(self, "head_q_target"):
+            self.head_q_target.eval()  # the target head never uses dropout
+        return self
+
+    # ------------------------------------------------------------------ backbone
+
+    def embed(self, seq: torch.Tensor, task_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """seq (B, T) long at absolute positions start..start+T -> (B, T, D). Kinds follow position % 37."""
+        cfg = self.cfg
+        T = seq.shape[1]
+        if start + T > cfg.max_tokens:
+            raise ValueError(f"{start + T} tokens exceed the model window of {cfg.max_tokens}")
+        pos = torch.arange(start, start + T, device=seq.device)  # (T,)
+        is_act = (pos % cfg.block_size == cfg.obs_tokens)[:, None]  # (T, 1)
+        x = torch.where(is_act, self.act_emb(torch.where(is_act[:, 0], seq, 0)),
+                        self.obs_emb(torch.where(is_act[:, 0], 0, seq)))  # (B, T, D)
+        x = x + self.pos_emb(pos)
+        if cfg.use_task_embed:
+            x = x + torch.where(is_act, self.task_act_emb(task_ids)[:, None], self.task_obs_emb(task_ids)[:, None])
+        return self.drop(x)
+
+    def backbone(self, seq: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Full causal pass over a window that starts at position 0: (B, T) -> (B, T, D) after ln_f."""
+        x = self.embed(seq, task_ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, tokens: torch.Tensor, actions: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L, 36), actions (B, L), task_ids (B,) -> hidden (B, L, 37, D)."""
+        B, L, K = tokens.shape
+        seq = torch.cat([tokens, actions.unsqueeze(-1)], dim=-1).view(B, L * (K + 1))  # (B, L*37)
+        return self.backbone(seq, task_ids).view(B, L, K + 1, -1)
+
+    def compute_loss(self, batch, stage: int = 2, loss_cfg=None):
+        """Losses of one batch (see jowa_model.losses.compute_loss): a `LossTerms`."""
+        from jowa_model.losses import compute_loss
+
+        return compute_loss(self, batch, loss_cfg, stage)
+
+    # ------------------------------------------------------------------ KV cache (planning)
+
+    def init_cache(self, batch: int, max_tokens: int | None = None, dtype: torch.dtype | None = None,
+                   device: torch.device | None = None) -> KVCache:
+        cfg = self.cfg
+        p = self.pos_emb.weight
+        shape = (cfg.num_layers, batch, cfg.num_heads, max_tokens or cfg.max_tokens, cfg.embed_dim // cfg.num_heads)
+        kw = dict(dtype=dtype or p.dtype, device=device or p.device)
+        return KVCache(torch.zeros(shape, **kw), torch.zeros(shape, **kw), 0)
+
+    @torch.no_grad()
+    def forward_cached(self, seq: torch.Tensor, task_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Append seq (B, T) at positions cache.length.. and return their hidden states (B, T, D)."""
+        start, T = cache.length, seq.shape[1]
+        if start + T > cache.max_tokens:
+            raise ValueError(f"KV cache full: {start} + {T} tokens > {cache.max_tokens} slots")
+        x = self.embed(seq, task_ids, start)
+        for i, block in enumerate(self.blocks):
+            x = block(x, (cache.k[i], cache.v[i]), start)
+        cache.length = start + T
+        return self.ln_f(x)
+
+    # ------------------------------------------------------------------ heads
+
+    def obs_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head_obs(h)  # (..., 2048): the next obs token
+
+    def reward_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head_reward(h)  # (..., 3): sign(r) + 1
+
+    def end_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head_end(h)  # (..., 2)
+
+    def q_logits(self, h: torch.Tensor, target: bool = False) -> torch.Tensor:
+        """h (..., D) -> (num_q, ..., 18, atoms) C51 logits (MTBC: (num_q, ..., 18))."""
+        head = self.head_q_target if target else self.head_q
+        lead = h.shape[:-1]
+        out = head(h.reshape(-1, h.shape[-1]))  # (Q, N, 18*atoms)
+        tail = (self.cfg.num_actions,) if self.cfg.mtbc else (self.cfg.num_actions, self.cfg.num_atoms)
+        return out.view(out.shape[0], *lead, *tail)
+
+    def q_probs(self, h: torch.Tensor, target: bool = False) -> torch.Tensor:
+        """Ensemble-mean C51 probabilities (..., 18, atoms), in fp32."""
+        return self.q_logits(h, target).float().softmax(-1).mean(0)
+
+    def q_values(self, h: torch.Tensor, action_mask: torch.Tensor | None = None, target: bool = False) -> torch.Tensor:
+        """Expected Q (..., 18) of the ensemble-mean distribution (MTBC: mean logits); -inf where masked."""
+        if self.cfg.mtbc:
+            q = self.q_logits(h, target).float().mean(0)
+        else:
+            q = self.q_probs(h, target) @ self.support  # (..., 18)
+        if action_mask is not None:
+            q = q.masked_fill(~action_mask, float("-inf"))
+        return q
+
+    def action_mask_for(self, task_ids: torch.Tensor) -> torch.Tensor:
+        return self.action_masks[task_ids]  # (B, 18) bool
+
+    # ------------------------------------------------------------------ target head, masks, optimizer
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """Hard copy of the online Q head into the target head."""
+        if hasattr(self, "head_q_target"):
+            for t, s in zip(self.head_q_target.parameters(), self.head_q.parameters()):
+                t.copy_(s)
+
+    def step_target(self, step: int) -> bool:
+        """Call once per optimizer step with the global step; copies when step % target_update_every == 0."""
+        if step % self.cfg.target_update_every == 0:
+            self.update_target()
+            return True
+        return False
+
+    @torch.no_grad()
+    def set_action_masks(self, masks: torch.Tensor) -> None:
+        if masks.shape != self.action_masks.shape:
+            raise ValueError(f"action masks must be {tuple(self.action_masks.shape)}, got {tuple(masks.shape)}")
+        self.action_masks.copy_(masks.to(torch.bool))
+
+    def param_groups(self, world_lr: float = 5e-5, critic_lr: float = 5e-5, weight_decay: float = 0.01) -> list[dict]:
+        """AdamW groups as in the official configure_optimizer (Table 13): Linear weights decay; biases, LN and
+        embeddings do not; the whole Q head (its own LR) decays. The target head is excluded."""
+        decay, no_decay, critic = [], [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith("head_q."):
+                critic.append(p)
+            elif p.dim() >= 2 and "emb" not in name:
+                decay.append(p)
+            else:
+                no_decay.append(p)
+        return [dict(params=decay, lr=world_lr, weight_decay=weight_decay),
+                dict(params=no_decay, lr=world_lr, weight_decay=0.0),
+                dict(params=critic, lr=critic_lr, weight_decay=weight_decay)]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Per-part counts (official naming of official-anchors.md) + trainable total."""
+        def n(mods) -> int:
+            return sum(p.numel() for m in mods for p in m.parameters())
+
+        emb = [self.obs_emb, self.act_emb, self.pos_emb]
+        if self.cfg.use_task_embed:
+            emb += [self.task_obs_emb, self.task_act_emb]
+        counts = {"backbone": n([self.blocks, self.ln_f]), "embeddings": n(emb)}
+        if not self.cfg.mtbc:
+            counts |= {"head_obs": n([self.head_obs]), "head_reward": n([self.head_reward]),
+                       "head_end": n([self.head_end])}
+        counts["head_q"] = n([self.head_q])
+        counts["head_q_target"] = n([self.head_q_target]) if hasattr(self, "head_q_target") else 0
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        counts["trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return counts
+
+
+def action_masks_from_manifests(registry: "ManifestRegistry", num_tasks: int = NUM_TASKS) -> torch.Tensor:
+    """(num_tasks, 18) bool valid-action table from the game manifests; tasks without a manifest allow all 18."""
+    masks = torch.ones(num_tasks, len(FULL_ACTIONS), dtype=torch.bool)
+    for m in registry:
+        if m.task_id >= num_tasks:
+            raise ConfigError(f"{m.path}: task_id {m.task_id} >= model.num_tasks {num_tasks}")
+        masks[m.task_id] = torch.from_numpy(m.action_mask)
+    return masks
