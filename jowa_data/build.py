@@ -1,0 +1,445 @@
+"""`jowa-data build`: DQN-Replay -> episode index -> frozen-tokenizer tokens -> shards, with dask.
+
+Pipeline: `subsample.build_index` selects episodes; the plan cuts each (game, run) into tasks of about
+`task_transitions` consecutive selected episodes; each task (a top-level function, so dask's spawn-based
+process pool and distributed workers can import it) reads its frames, tokenizes them in batches and
+writes its *own* zarr group / tars under temporary names, renames them into place, and finally writes
+its completion record `_tasks/<task>.json`. Only small metadata travels back to the driver. The
+finaliser assembles episodes.parquet, files.json, stats.json and, last, info.json.
+
+Resume: a task with a completion record is never redone; a task without one is wiped and redone.
+Every output is a pure function of the inputs (sorted order, fixed zstd level, mtime=0, no timestamps),
+so a build killed at any point and rerun gives the same bytes as an uninterrupted one. Rerunning a
+finished build is a no-op; rerunning with different inputs into the same folder is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from jowa_data.backends import TaskArrays, get_backend
+from jowa_data.errors import ConfigError, DatasetError, ReplayFormatError
+from jowa_data.io import atomic_path, atomic_write_json, sha256_bytes, sha256_file
+from jowa_data.layout import (EPISODES, FILES, FORMAT_VERSION, FORMATS, INFO, PLAN, STATS, TASKS_DIR,
+                              TMP_DIR, TOKENS_PER_FRAME, VOCAB_SIZE, DatasetInfo, task_key)
+from jowa_data.manifest import GameManifest
+
+SCHEDULERS = ("synchronous", "processes", "threads")  # or a distributed address tcp://HOST:PORT
+
+
+@dataclass
+class BuildConfig:
+    """Options of one build. Everything that changes the output bytes goes into the plan."""
+
+    formats: tuple[str, ...] = ("zarr",)  # zarr and/or wds
+    scheduler: str = "synchronous"  # synchronous | processes | threads | tcp://HOST:PORT (dask distributed)
+    workers: int = 0  # local process/thread count; 0 = all cores
+    task_transitions: int = 100_000  # transitions per build task (~7 MB of tokens, ~0.7 GB of frames read)
+    encode_batch: int = 256  # frames per tokenizer forward
+    device: str = "auto"  # tokenizer device: auto (cuda if present) | cpu | cuda[:i]
+    precision: str = "fp32"  # fp32 | bf16 (bf16 may flip near-tie argmins; opt-in)
+    seed: int | None = None  # subsampling seed override (None: each manifest's [data].seed)
+    fraction: float | None = None  # subsampling fraction override (paper: 0.1)
+    transitions: int | None = None  # target transitions per game override (fine-tuning: 5000)
+    progress: bool = True  # tqdm bar on stderr (frames/s, ETA)
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in info.json["source"] as given
+
+
+# --- plan ----------------------------------------------------------------------------------------
+
+def make_plan(index, index_meta: dict, manifests: Sequence[GameManifest], replay_root: str,
+              tokenizer_sum: str, cfg: BuildConfig) -> dict[str, Any]:
+    """The full, deterministic description of the build (tasks and their episodes)."""
+    by_name = {m.name: m for m in manifests}
+    cols = index.select(["game", "run", "episode", "ckpt", "row", "length"]).to_pydict()
+    tasks: list[dict[str, Any]] = []
+    cur: dict[str, Any] | None = None
+    parts: dict[tuple[str, int], int] = {}
+    for game, run, ep, ckpt, row, length in zip(cols["game"], cols["run"], cols["episode"], cols["ckpt"],
+                                                 cols["row"], cols["length"]):
+        if cur is None or cur["game"] != game or cur["run"] != run or cur["rows"] + length > cfg.task_transitions:
+            part = parts.get((game, run), 0)
+            parts[(game, run)] = part + 1
+            m = by_name[game]
+            cur = {"key": task_key(game, run, part), "game": game, "task_id": m.task_id, "run": int(run),
+                   "checkpoints": list(index_meta["games"][game]["checkpoints"]),
+                   "full_action_ids": m.full_action_ids.tolist(), "rows": 0, "episodes": []}
+            tasks.append(cur)
+        cur["episodes"].append([int(ep), int(ckpt), int(row), int(length)])
+        cur["rows"] += int(length)
+    return {
+        "format_version": FORMAT_VERSION,
+        "formats": sorted(cfg.formats),
+        "replay_root": replay_root,
+        "tokenizer_checksum": tokenizer_sum,
+        "precision": cfg.precision,
+        "games": sorted(by_name),
+        "tasks": tasks,
+    }
+
+
+# --- one task (runs on a dask worker) --------------------------------------------------------------
+
+def _read_task_frames(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(frames (N,84,84) u8, minimal actions (N,), rewards (N,) f32, terminals (N,) u8) of the task's episodes."""
+    from jowa_data.replay import read_episode
+    from jowa_data.subsample import scan_range
+
+    root = Path(spec["replay_root"])
+    refs, _ = scan_range(root, spec["game"], spec["run"], tuple(spec["checkpoints"]))
+    by_ep = {int(e.episode): e for e in refs}
+    n = sum(e[3] for e in spec["episodes"])
+    frames = np.empty((n, 84, 84), dtype=np.uint8)
+    actions = np.empty(n, dtype=np.int64)
+    rewards = np.empty(n, dtype=np.float32)
+    terminals = np.empty(n, dtype=np.uint8)
+    i = 0
+    for ep, ckpt, row, length in spec["episodes"]:
+        ref = by_ep.get(ep)
+        if ref is None or tuple(ref.start) != (ckpt, row) or int(ref.length) != length:
+            raise DatasetError(f"{root / spec['game'] / str(spec['run'])}: episode {ep} (ckpt {ckpt}, row {row}, "
+                               f"{length} steps) is no longer in the replay as indexed; the replay changed "
+                               "since this build was planned (use a new --out)")
+        e = read_episode(root, ref)
+        if e.frames.shape != (length, 84, 84):
+            raise ReplayFormatError(f"{root / spec['game'] / str(spec['run'])}: episode {ep}: frames have shape "
+                                    f"{e.frames.shape}, expected ({length}, 84, 84)")
+        frames[i:i + length] = e.frames
+        actions[i:i + length] = e.actions
+        rewards[i:i + length] = e.rewards
+        terminals[i:i + length] = e.terminals
+        i += length
+    return frames, actions, rewards, terminals
+
+
+def task_record_path(out_dir: Path, key: str) -> Path:
+    return Path(out_dir) / TASKS_DIR / f"{key}.json"
+
+
+def to_task_arrays(spec: dict[str, Any], tokens: np.ndarray, actions_min: np.ndarray, rewards: np.ndarray,
+                   terminals: np.ndarray) -> TaskArrays:
+    """Map minimal-set actions to full ids and fix dtypes (what every task stores)."""
+    full = np.asarray(spec["full_action_ids"], dtype=np.int64)
+    actions_min = np.asarray(actions_min, dtype=np.int64)
+    if actions_min.size and (actions_min.min() < 0 or actions_min.max() >= len(full)):
+        raise ReplayFormatError(f"{spec.get('replay_root', '<arrays>')}/{spec['game']}/{spec['run']}: action ids "
+                                f"outside the game's {len(full)} minimal actions")
+    return TaskArrays(tokens=np.asarray(tokens, dtype=np.uint16), actions=full[actions_min].astype(np.uint8),
+                      rewards=np.asarray(rewards, dtype=np.float32), terminals=np.asarray(terminals, dtype=np.uint8))
+
+
+def write_task(out: Path, spec: dict[str, Any], arrays: TaskArrays) -> dict[str, Any]:
+    """Write one task in every format, then (last, atomically) its completion record."""
+    files: dict[str, dict[str, Any]] = {}
+    for fmt in spec["formats"]:
+        be = get_backend(fmt)
+        be.remove_task(out, spec["game"], spec["key"])
+        for rel in be.write_task(out, spec["game"], spec["key"], arrays):
+            files[rel] = {"bytes": (out / rel).stat().st_size, "sha256": sha256_file(out / rel)}
+    lengths = [e[3] for e in spec["episodes"]]
+    assert sum(lengths) == len(arrays), (sum(lengths), len(arrays))
+    record = {
+        "key": spec["key"], "game": spec["game"], "rows": len(arrays),
+        "episode_offsets": np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int).tolist(),
+        "token_counts": np.bincount(arrays.tokens.ravel(), minlength=VOCAB_SIZE).tolist(),
+        "files": files,
+    }
+    atomic_write_json(task_record_path(out, spec["key"]), record, indent=None)
+    return record
+
+
+def run_task(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build one task end to end; returns small metadata (rows, seconds per stage)."""
+    from jowa_data.tokenize import encode_frames, load_frozen_tokenizer, pick_device
+
+    out = Path(spec["out_dir"])
+    t0 = time.perf_counter()
+    frames, actions_min, rewards, terminals = _read_task_frames(spec)
+    t1 = time.perf_counter()
+    device = pick_device(spec["device"])
+    tok = load_frozen_tokenizer(spec["tokenizer"], device)
+    tokens = encode_frames(tok, frames, batch=spec["encode_batch"], device=device, precision=spec["precision"])
+    del frames
+    t2 = time.perf_counter()
+    write_task(out, spec, to_task_arrays(spec, tokens, actions_min, rewards, terminals))
+    t3 = time.perf_counter()
+    return {"key": spec["key"], "rows": len(tokens), "read_s": t1 - t0, "tokenize_s": t2 - t1, "write_s": t3 - t2}
+
+
+# --- running the tasks ------------------------------------------------------------------------------
+
+def _iter_results(specs: list[dict], scheduler: str, workers: int, bar) -> Iterator[dict]:
+    """Run `specs` on the chosen dask scheduler; yield each result (order not guaranteed)."""
+    if not specs:
+        return
+    if scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+        from distributed import Client, as_completed
+
+        with Client(scheduler) as client:
+            futs = client.map(run_task, specs, key=[f"jowa-build-{s['key']}" for s in specs], pure=False,
+                              retries=1)
+            for f in as_completed(futs):
+                r = f.result()
+                bar.update(r["rows"])
+                yield r
+        return
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"--scheduler must be one of {SCHEDULERS} or tcp://HOST:PORT, got {scheduler!r}")
+    import dask
+    from dask.callbacks import Callback
+
+    class _Bar(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if isinstance(result, dict) and "rows" in result:
+                bar.update(result["rows"])
+
+    tasks = [dask.delayed(run_task, pure=False)(s, dask_key_name=f"jowa-build-{s['key']}") for s in specs]
+    kw = {"num_workers": workers or os.cpu_count() or 1} if scheduler != "synchronous" else {}
+    with _Bar():
+        results = dask.compute(*tasks, scheduler=scheduler, **kw)
+    yield from results
+
+
+# --- finalise ---------------------------------------------------------------------------------------
+
+def _quantiles(x: np.ndarray) -> dict[str, float]:
+    if x.size == 0:
+        return {"count": 0}
+    q = np.quantile(x, [0.01, 0.1, 0.5, 0.9, 0.99])
+    return {"count": int(x.size), "mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()),
+            "max": float(x.max()), "q01": float(q[0]), "q10": float(q[1]), "q50": float(q[2]),
+            "q90": float(q[3]), "q99": float(q[4])}
+
+
+def codebook_usage(counts: np.ndarray) -> dict[str, float]:
+    """Unique tokens used and perplexity exp(H) of the token histogram (2048 = all codes equally used)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    if total == 0:
+        return {"unique_tokens": 0, "perplexity": 0.0}
+    p = counts[counts > 0] / total
+    return {"unique_tokens": int((counts > 0).sum()), "perplexity": float(np.exp(-(p * np.log(p)).sum()))}
+
+
+def _finalise(out: Path, plan: dict, index, index_meta: dict, manifests: Sequence[GameManifest],
+              cfg: BuildConfig) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = []
+    for t in plan["tasks"]:
+        p = task_record_path(out, t["key"])
+        records.append(json.loads(p.read_text(encoding="utf-8")))
+    # episodes.parquet: the index rows (same order as the plan) + where each episode lives.
+    task_col, task_off, game_off = [], [], []
+    game_rows: dict[str, int] = {}
+    for t, rec in zip(plan["tasks"], records):
+        base = game_rows.get(t["game"], 0)
+        for off in rec["episode_offsets"]:
+            task_col.append(t["key"])
+            task_off.append(off)
+            game_off.append(base + off)
+        game_rows[t["game"]] = base + rec["rows"]
+    assert len(task_col) == index.num_rows
+    episodes = (index.append_column("task", pa.array(task_col, pa.string()))
+                .append_column("task_offset", pa.array(task_off, pa.int64()))
+                .append_column("offset", pa.array(game_off, pa.int64())))
+    with atomic_path(out / EPISODES, suffix=".parquet") as tmp:
+        pq.write_table(episodes, tmp, compression="zstd")
+
+    files = {rel: v for rec in records for rel, v in rec["files"].items()}
+    files = dict(sorted(files.items()))
+    files_bytes = (json.dumps(files, indent=1, sort_keys=True) + "\n").encode()
+    with atomic_path(out / FILES) as tmp:
+        tmp.write_bytes(files_bytes)
+
+    stats = {"games": {}}
+    games_info = {}
+    cols = index.select(["game", "length", "ret", "complete"]).to_pydict()
+    g_arr = np.array(cols["game"], dtype=object)
+    for m in sorted(manifests, key=lambda m: m.name):
+        sel = g_arr == m.name
+        lengths = np.array(cols["length"], dtype=np.int64)[sel]
+        rets = np.array(cols["ret"], dtype=np.float64)[sel]
+        complete = np.array(cols["complete"], dtype=bool)[sel]
+        recs = [r for r in records if r["game"] == m.name]
+        counts = np.sum([r["token_counts"] for r in recs], axis=0) if recs else np.zeros(VOCAB_SIZE)
+        by_fmt = {}
+        for fmt in plan["formats"]:
+            fs = [v for r in recs for rel, v in r["files"].items() if rel.startswith(f"{fmt}/")]
+            nbytes = int(sum(v["bytes"] for v in fs))
+            by_fmt[fmt] = {"files": len(fs), "bytes": nbytes,
+                           "bytes_per_frame": nbytes / max(int(lengths.sum()), 1)}
+        stats["games"][m.name] = {
+            "task_id": m.task_id, "episodes": int(sel.sum()), "transitions": int(lengths.sum()),
+            "incomplete_episodes": int((~complete).sum()), "tasks": len(recs),
+            "return_clipped": _quantiles(rets), "length": _quantiles(lengths),
+            "codebook": codebook_usage(counts), "storage": by_fmt,
+        }
+        games_info[m.name] = {"task_id": m.task_id, "episodes": int(sel.sum()), "transitions": int(lengths.sum()),
+                              "tasks": [r["key"] for r in recs]}
+    with atomic_path(out / STATS) as tmp:
+        tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+
+    from jowa_data.backends import wds_backend, zarr_backend
+
+    info = DatasetInfo(
+        formats=plan["formats"], games=games_info,
+        total_episodes=index.num_rows, total_transitions=int(sum(r["rows"] for r in records)),
+        tokenizer_checksum=plan["tokenizer_checksum"],
+        manifest_checksums={g: index_meta["games"][g]["manifest_sha256"] for g in sorted(index_meta["games"])},
+        source={"replay_root": plan["replay_root"], "precision": plan["precision"],
+                "selection": index_meta["games"], "seed_rule": index_meta.get("seed_rule"), **cfg.extra},
+        seed=cfg.seed, plan_checksum=sha256_file(out / PLAN), files_checksum=sha256_bytes(files_bytes),
+        zarr={"codec": f"zstd(level={zarr_backend.ZSTD_LEVEL})", "chunk_rows": zarr_backend.CHUNK_ROWS,
+              "shard_rows": zarr_backend.SHARD_ROWS} if "zarr" in plan["formats"] else {},
+        wds={"sample_rows": wds_backend.SAMPLE_ROWS, "tar_samples": wds_backend.TAR_SAMPLES}
+        if "wds" in plan["formats"] else {},
+    )
+    atomic_write_json(out / INFO, info.to_dict())
+    shutil.rmtree(out / TMP_DIR, ignore_errors=True)
+    return info.to_dict()
+
+
+# --- entry point ------------------------------------------------------------------------------------
+
+def build_dataset(manifests: Sequence[GameManifest], replay_root: str | Path, tokenizer_path: str | Path,
+                  out_dir: str | Path, cfg: BuildConfig | None = None) -> dict[str, Any]:
+    """Build (or resume, or confirm) a token dataset. Returns a summary with per-stage timings."""
+    from jowa_data.subsample import build_index, index_metadata
+    from jowa_data.tokenize import tokenizer_checksum
+
+    cfg = cfg or BuildConfig()
+    bad = [f for f in cfg.formats if f not in FORMATS]
+    if bad or not cfg.formats:
+        raise ConfigError(f"--format must be zarr, wds or both, got {list(cfg.formats)}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
+    if cfg.task_transitions < 1:
+        raise ConfigError(f"task_transitions must be >= 1, got {cfg.task_transitions}")
+    out = Path(out_dir)
+    tok_path = Path(tokenizer_path)
+    if not tok_path.is_file():
+        from jowa_data.errors import CheckpointError
+
+        raise CheckpointError(f"{tok_path}: tokenizer checkpoint not found")
+    t_start = time.perf_counter()
+    index = build_index(list(manifests), replay_root, seed=cfg.seed, fraction=cfg.fraction,
+                        transitions=cfg.transitions)
+    index_meta = index_metadata(index)
+    plan = make_plan(index, index_meta, manifests, str(Path(replay_root).resolve()), tokenizer_checksum(tok_path), cfg)
+    plan_bytes = (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode()
+    t_index = time.perf_counter() - t_start
+
+    if (out / PLAN).is_file():
+        if (out / PLAN).read_bytes() != plan_bytes:
+            raise DatasetError(f"{out / PLAN}: this folder holds a different build (other games, selection, "
+                               "tokenizer, formats or replay); use a new --out folder or delete this one")
+        if (out / INFO).is_file():
+            return {"out": str(out), "status": "already built", "tasks": len(plan["tasks"]), "built_tasks": 0,
+                    "rows": 0, "read_s": 0.0, "tokenize_s": 0.0, "write_s": 0.0, "index_s": t_index}
+    elif out.exists() and any(out.iterdir()):
+        raise DatasetError(f"{out}: folder exists and is not a jowa build (no {PLAN}); choose an empty --out")
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / PLAN) as tmp:
+        tmp.write_bytes(plan_bytes)
+    shutil.rmtree(out / TMP_DIR, ignore_errors=True)
+    (out / TASKS_DIR).mkdir(exist_ok=True)
+    if "zarr" in plan["formats"]:
+        from jowa_data.backends.zarr_backend import ensure_groups
+
+        ensure_groups(out, plan["games"])
+
+    common = {"out_dir": str(out.resolve()), "replay_root": plan["replay_root"], "tokenizer": str(tok_path.resolve()),
+              "formats": plan["formats"], "device": cfg.device, "precision": cfg.precision,
+              "encode_batch": cfg.encode_batch}
+    pending = [{**t, **common} for t in plan["tasks"] if not task_record_path(out, t["key"]).is_file()]
+    total_rows = sum(t["rows"] for t in pending)
+    from tqdm import tqdm
+
+    timings = {"read_s": 0.0, "tokenize_s": 0.0, "write_s": 0.0, "rows": 0}
+    t_run = time.perf_counter()
+    with tqdm(total=total_rows, unit="frame", unit_scale=True, desc=f"build {out.name}", disable=not cfg.progress,
+              dynamic_ncols=True) as bar:
+        for r in _iter_results(pending, cfg.scheduler, cfg.workers, bar):
+            for k in ("read_s", "tokenize_s", "write_s", "rows"):
+                timings[k] += r[k]
+    wall = time.perf_counter() - t_run
+    t_fin = time.perf_counter()
+    _finalise(out, plan, index, index_meta, manifests, cfg)
+    return {"out": str(out), "status": "built", "tasks": len(plan["tasks"]), "built_tasks": len(pending),
+            "index_s": t_index, "run_s": wall, "finalise_s": time.perf_counter() - t_fin,
+            "frames_per_s": timings["rows"] / wall if wall > 0 else 0.0, **timings}
+
+
+# --- datasets from arrays (tests, imported or recorded-and-tokenized data) ----------------------------
+
+@dataclass
+class EpisodeArrays:
+    """One episode given directly as arrays (no DQN-Replay behind it)."""
+
+    tokens: np.ndarray  # (T, 36) uint16
+    actions: np.ndarray  # (T,) minimal-set action ids (as DQN-Replay stores them)
+    rewards: np.ndarray  # (T,) clipped rewards
+    terminals: np.ndarray  # (T,) 0/1; a complete episode ends with 1
+    run: int = 1  # provenance run number
+
+
+def write_dataset(out_dir: str | Path, manifests: Sequence[GameManifest], episodes: dict[str, list[EpisodeArrays]],
+                  formats: Sequence[str] = ("zarr",), task_transitions: int = 100_000,
+                  tokenizer_sum: str = "") -> dict[str, Any]:
+    """Write a dataset in the built layout from token arrays, through the same task writer and finaliser."""
+    import pyarrow as pa
+
+    from jowa_data.subsample import INDEX_FORMAT, INDEX_SCHEMA, INDEX_VERSION
+
+    cfg = BuildConfig(formats=tuple(formats), task_transitions=task_transitions, progress=False)
+    out = Path(out_dir)
+    by_name = {m.name: m for m in manifests}
+    rows: dict[str, list] = {f.name: [] for f in INDEX_SCHEMA}
+    games_meta: dict[str, Any] = {}
+    for g in sorted(episodes):
+        m = by_name[g]
+        eps = sorted(enumerate(episodes[g]), key=lambda t: (t[1].run, t[0]))
+        for i, e in eps:
+            a = np.asarray(e.actions, dtype=np.int64)
+            r = np.asarray(e.rewards, dtype=np.float32)
+            for k, v in (("game", g), ("task_id", m.task_id), ("run", e.run), ("episode", i), ("ckpt", 0),
+                         ("row", 0), ("length", len(a)), ("ret", float(r.sum())),
+                         ("complete", bool(len(a) and e.terminals[-1])),
+                         ("action_counts", np.bincount(a, minlength=m.num_actions).tolist()),
+                         ("reward_neg", int((r < 0).sum())), ("reward_zero", int((r == 0).sum())),
+                         ("reward_pos", int((r > 0).sum()))):
+                rows[k].append(v)
+        games_meta[g] = {"task_id": m.task_id, "actions": list(m.actions), "checkpoints": [0, 0],
+                         "manifest_sha256": sha256_bytes(json.dumps(list(m.actions)).encode()), "source": "arrays"}
+    meta = {"format": INDEX_FORMAT, "format_version": INDEX_VERSION, "games": games_meta, "seed_rule": None}
+    index = pa.table(rows, schema=INDEX_SCHEMA).replace_schema_metadata(
+        {b"jowa": json.dumps(meta, sort_keys=True).encode()})
+    plan = make_plan(index, meta, [by_name[g] for g in sorted(episodes)], "<arrays>", tokenizer_sum, cfg)
+    if out.exists() and any(out.iterdir()):
+        raise DatasetError(f"{out}: folder is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / PLAN) as tmp:
+        tmp.write_bytes((json.dumps(plan, indent=1, sort_keys=True) + "\n").encode())
+    if "zarr" in plan["formats"]:
+        from jowa_data.backends.zarr_backend import ensure_groups
+
+        ensure_groups(out, plan["games"])
+    ep_iter = {g: iter([e for _, e in sorted(enumerate(episodes[g]), key=lambda t: (t[1].run, t[0]))])
+               for g in episodes}
+    for t in plan["tasks"]:
+        eps = [next(ep_iter[t["game"]]) for _ in t["episodes"]]
+        cat = lambda f: np.concatenate([np.asarray(getattr(e, f)) for e in eps])  # noqa: E731
+        spec = {**t, "formats": plan["formats"]}
+        write_task(out, spec, to_task_arrays(spec, cat("tokens").reshape(-1, TOKENS_PER_FRAME), cat("actions"),
+                                             cat("rewards"), cat("terminals")))
+    return _finalise(out, plan, index, meta, [by_name[g] for g in sorted(episodes)], cfg)
