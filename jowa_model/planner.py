@@ -382,3 +382,117 @@ def MCTSPlanner(model: ImaginationModel, horizon: int = 2, num_simulations: int 
 def GreedyPlanner(model: ImaginationModel) -> Planner:
     """No planning: argmax of the critic over valid actions."""
     return Planner(model, PlannerConfig(kind="greedy"))
+
+
+# ----------------------------------------------------------------------------------------------
+# ImaginationModel over the real WorldActionModel
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class CacheState:
+    """A batch of imagined trajectories: their KV cache (one row each) and task ids."""
+
+    cache: Any  # jowa_model.world_action.KVCache
+    task_ids: torch.Tensor  # (B,) long
+
+
+class WorldModelImagination:
+    """`ImaginationModel` over `WorldActionModel` with its KV cache: the context is run once, then every
+    imagined step is 37 one-token cached passes (action token, then 36 greedy obs tokens) for the whole
+    batch. Each pass runs only the head its position needs: reward/end/obs heads at the action token, the
+    obs head at obs tokens 0..34, the Q head at obs token 35. No pixels are decoded.
+
+    The model is put in eval mode (dropout off): planning is inference.
+    """
+
+    def __init__(self, model, autocast_dtype: torch.dtype | None = None) -> None:
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.max_steps = model.cfg.max_steps
+        self.autocast_dtype = autocast_dtype  # e.g. torch.bfloat16 on CPUs with avx512_bf16 (not the default)
+
+    def _autocast(self):
+        dev = next(self.model.parameters()).device
+        return torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @staticmethod
+    def interleave(obs_tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """obs (N, T, 36), actions (N, T-1) -> (N, T*37-1): [o_1, a_1, ..., o_T] as one token row."""
+        n, t, _ = obs_tokens.shape
+        blocks = torch.cat([obs_tokens[:, :-1], actions[..., None]], 2).reshape(n, -1)  # (N, (T-1)*37)
+        return torch.cat([blocks, obs_tokens[:, -1]], 1)
+
+    @torch.no_grad()
+    def start(self, obs_tokens, actions, task_ids):
+        dev = self.device
+        seq = self.interleave(obs_tokens.to(dev).long(), actions.to(dev).long())  # (N, T*37-1)
+        task_ids = task_ids.to(dev).long()
+        room = self.cfg.max_tokens if obs_tokens.shape[1] < self.max_steps else seq.shape[1]
+        cache = self.model.init_cache(seq.shape[0], max_tokens=room)
+        with self._autocast():
+            h = self.model.forward_cached(seq, task_ids, cache)[:, -1]  # (N, D) last obs token
+            q = self.model.q_values(h).float()  # (N, 18)
+        return CacheState(cache, task_ids), q
+
+    def select(self, state: CacheState, index: torch.Tensor) -> CacheState:
+        index = index.to(state.task_ids.device)
+        return CacheState(state.cache.index_select(index), state.task_ids[index])
+
+    @torch.no_grad()
+    def step(self, state: CacheState, actions: torch.Tensor):
+        m, task = self.model, state.task_ids
+        assert state.cache.length % self.cfg.block_size == self.cfg.obs_tokens, "step must follow a full frame"
+        tokens = torch.empty(actions.shape[0], self.cfg.obs_tokens, dtype=torch.long, device=task.device)
+        with self._autocast():
+            h = m.forward_cached(actions.to(task.device).long()[:, None], task, state.cache)[:, 0]  # (B, D)
+            rewards = m.reward_logits(h).argmax(-1).float() - 1.0  # sign class -> {-1, 0, 1}
+            dones = m.end_logits(h).argmax(-1).bool()
+            for i in range(self.cfg.obs_tokens):
+                tokens[:, i] = m.obs_logits(h).argmax(-1)  # greedy next obs token
+                h = m.forward_cached(tokens[:, i:i + 1], task, state.cache)[:, 0]
+            q = m.q_values(h).float()  # (B, 18) at the last obs token
+        return state, Imagined(rewards, dones, tokens, q)
+
+
+@dataclass
+class SeqState:
+    seq: torch.Tensor  # (B, L) all tokens so far, window starting at position 0
+    task_ids: torch.Tensor
+
+
+class RecomputeImagination(WorldModelImagination):
+    """Reference without a KV cache: every token re-runs the whole window (the official greedy path, and
+    worse). Slow; used to check that the cached path gives the same plans."""
+
+    @torch.no_grad()
+    def _last(self, seq: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.model.backbone(seq, task)[:, -1]  # (B, D)
+
+    @torch.no_grad()
+    def start(self, obs_tokens, actions, task_ids):
+        dev = self.device
+        seq = self.interleave(obs_tokens.to(dev).long(), actions.to(dev).long())
+        task_ids = task_ids.to(dev).long()
+        return SeqState(seq, task_ids), self.model.q_values(self._last(seq, task_ids)).float()
+
+    def select(self, state: SeqState, index: torch.Tensor) -> SeqState:
+        return SeqState(state.seq[index], state.task_ids[index])
+
+    @torch.no_grad()
+    def step(self, state: SeqState, actions: torch.Tensor):
+        m, task = self.model, state.task_ids
+        seq = torch.cat([state.seq, actions.long()[:, None]], 1)
+        h = self._last(seq, task)
+        rewards = m.reward_logits(h).argmax(-1).float() - 1.0
+        dones = m.end_logits(h).argmax(-1).bool()
+        for _ in range(self.cfg.obs_tokens):
+            seq = torch.cat([seq, m.obs_logits(h).argmax(-1)[:, None]], 1)
+            h = self._last(seq, task)
+        tokens = seq[:, -self.cfg.obs_tokens:]
+        return SeqState(seq, task), Imagined(rewards, dones, tokens, m.q_values(h).float())
