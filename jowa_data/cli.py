@@ -41,7 +41,7 @@ def manifests_cmd(manifest_dirs: tuple[str, ...], as_json: bool) -> None:
 def _register() -> None:
     import importlib
 
-    for mod in ("jowa_data.cli_record", "jowa_data.cli_stats", "jowa_data.cli_build"):
+    for mod in ("jowa_data.cli_record", "jowa_data.cli_replay", "jowa_data.cli_stats", "jowa_data.cli_build"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

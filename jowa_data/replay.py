@@ -494,7 +494,8 @@ def inspect_run(root: str | os.PathLike, game: str, run: int | str, checkpoints:
         info, v = _load_small(logs, k, listing[k], decoder)
         if prev is None:
             if k == 0:
-                st.start_clean(STACK_PADDING)
+                if info.add_count <= info.capacity:  # holds add 0 onwards (a skipped first log does not)
+                    st.start_clean(STACK_PADDING)
             else:
                 _lookbehind(logs, listing, info, st, decoder)
         else:

@@ -1,0 +1,81 @@
+"""`jowa-data replay-scan`: check one DQN-Replay run and report its episodes (thin wrapper over jowa_data.replay)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from jowa_data.cli_util import echo_json, stdout_console
+
+
+def _parse_ckpts(value: str | None) -> list[int] | None:
+    """"1-50", "3,4,6" or "7" → suffix list."""
+    if value is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in value.replace(" ", "").split(","):
+            a, _, b = part.partition("-")
+            out.extend(range(int(a), int(b if b else a) + 1))
+    except ValueError:
+        raise click.BadParameter(f"expected suffixes like 1-50 or 3,4,6, got {value!r}")
+    return out
+
+
+@click.command("replay-scan")
+@click.argument("root")
+@click.argument("game")
+@click.option("--run", "run", default="1", show_default=True, help="Run folder (1..5 in DQN-Replay).")
+@click.option("--checkpoints", help="Suffixes to read, e.g. 1-50 or 3,4,6. Default: all listed.")
+@click.option("--allow-gaps", is_flag=True, help="Read non-contiguous data in pieces (stitching restarts at gaps).")
+@click.option("--frames", "read_frames", is_flag=True,
+              help="Also decompress every observation file once (verifies the gzip CRCs; reports frames/s).")
+@click.option("--decoder", type=click.Choice(["auto", "isal", "rapidgzip", "gzip"]), default="auto",
+              show_default=True, help="Gzip decoder.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def replay_scan_cmd(root: str, game: str, run: str, checkpoints: str | None, allow_gaps: bool, read_frames: bool,
+                    decoder: str, as_json: bool) -> None:
+    """Scan ROOT/GAME/RUN/replay_logs (local path or fsspec URL): checkpoints, episodes, padding, dropped rows."""
+    from tqdm import tqdm
+
+    from jowa_data.npy_stream import resolve_decoder
+    from jowa_data.replay import inspect_run, iter_episodes
+
+    try:
+        decoder = resolve_decoder(decoder)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--decoder")
+    t0 = time.perf_counter()
+    scan = inspect_run(root, game, run, _parse_ckpts(checkpoints), allow_gaps=allow_gaps, decoder=decoder)
+    report = scan.to_dict()
+    report["decoder"] = decoder
+    report["scan_seconds"] = round(time.perf_counter() - t0, 3)
+    if read_frames:
+        t1 = time.perf_counter()
+        n = 0
+        with tqdm(total=report["transitions"], desc=f"frames {game}/{run}", unit="frame", file=sys.stderr,
+                  disable=as_json, mininterval=0.5) as bar:
+            for ep in iter_episodes(root, game, run, decoder=decoder, refs=scan.episodes):
+                n += ep.frames.shape[0]
+                bar.update(ep.frames.shape[0])
+        dt = time.perf_counter() - t1
+        report["frames_read"] = n
+        report["frames_per_s"] = round(n / dt, 1) if dt > 0 else None
+    if as_json:
+        echo_json(report)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"DQN-Replay {game}/{run} ({root})")
+    t.add_column("field")
+    t.add_column("value", justify="right")
+    for k, v in report.items():
+        if k in ("game", "run"):
+            continue
+        t.add_row(k, ", ".join(map(str, v)) if isinstance(v, list) else f"{v:.4g}" if isinstance(v, float) else str(v))
+    stdout_console().print(t)
+
+
+COMMANDS = [replay_scan_cmd]
