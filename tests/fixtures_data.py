@@ -1,0 +1,88 @@
+"""Data fixtures: real DQN-Replay files recorded from the real emulator (ale-py), made once per session.
+
+`recorded_replay`: Pong and Phoenix, run "1", capacity 500 per checkpoint file and a 150-step
+episode cap, so each game has 3 suffixes (2 full logs + the final one), 8 episodes, episodes that
+cross file boundaries, and a last episode cut by the end of recording (no terminal). Compare a
+reader's output with `result.expected_episodes()` / `result.logged_steps()` (exact, including the
+one row Dopamine's final log loses) and `result.frames[steps]`, `result.actions[steps]`, ...
+
+`breakout_manifest_dir`: a folder holding only `Breakout.toml` (task id 13, NOOP/FIRE/RIGHT/LEFT):
+a game defined by a manifest file alone.
+
+`make_recorded_replay(root, games, runs, ...)` builds more (other runs, capacities) for own fixtures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from jowa_data.manifest import load_manifests
+from jowa_data.record import RecordResult, record
+
+FIXTURE_GAMES = ("Pong", "Phoenix")
+FIXTURE_CAPACITY = 500  # rows per checkpoint file (DQN-Replay: 1,000,000)
+FIXTURE_STEPS = 1130  # agent steps per game: 7 full episodes + a cut one
+FIXTURE_MAX_EPISODE_STEPS = 150  # step cap (Dopamine: 27,000)
+
+BREAKOUT_TOML = """\
+# A game outside the shipped manifests: defined by this file alone.
+name = "Breakout"
+ale_rom = "breakout"
+split = "other"
+task_id = 13
+actions = ["NOOP", "FIRE", "RIGHT", "LEFT"]
+
+[scores]
+random = 1.7
+human = 30.5
+dqn = 303.9
+"""
+
+
+@dataclass
+class RecordedReplay:
+    root: Path  # DQN-Replay root: <root>/<Game>/<run>/replay_logs/...
+    games: tuple[str, ...]
+    run: str
+    results: dict[str, RecordResult]  # per game: what was played and what was logged
+    capacity: int
+    max_episode_steps: int
+
+    def __getitem__(self, game: str) -> RecordResult:
+        return self.results[game]
+
+
+def make_recorded_replay(root: Path, games=FIXTURE_GAMES, runs=("1",), steps: int = FIXTURE_STEPS,
+                         capacity: int = FIXTURE_CAPACITY, max_episode_steps: int = FIXTURE_MAX_EPISODE_STEPS,
+                         manifest_dirs=None, seed: int = 0) -> dict[tuple[str, str], RecordResult]:
+    """Record `games` × `runs` under `root` (seed differs per game and run); returns {(game, run): result}."""
+    reg = load_manifests(manifest_dirs)
+    out = {}
+    for gi, g in enumerate(games):
+        for ri, r in enumerate(runs):
+            out[(g, str(r))] = record(reg.get(g), root, run=r, steps=steps, policy="random",
+                                      seed=seed + 1000 * gi + ri, capacity=capacity,
+                                      max_episode_steps=max_episode_steps, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def recorded_replay(tmp_path_factory) -> RecordedReplay:
+    root = tmp_path_factory.mktemp("dqn_replay")
+    res = make_recorded_replay(root)
+    results = {g: res[(g, "1")] for g in FIXTURE_GAMES}
+    for g, r in results.items():  # the properties the tests downstream rely on
+        assert r.skipped_logs == 0 and len(r.checkpoints) >= 3 and r.num_episodes >= 3, g
+        assert r.terminals[-1] == 0, g  # last episode cut
+    return RecordedReplay(root=root, games=FIXTURE_GAMES, run="1", results=results,
+                          capacity=FIXTURE_CAPACITY, max_episode_steps=FIXTURE_MAX_EPISODE_STEPS)
+
+
+@pytest.fixture(scope="session")
+def breakout_manifest_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("manifests_breakout")
+    (d / "Breakout.toml").write_text(BREAKOUT_TOML)
+    return d
