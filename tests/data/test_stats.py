@@ -189,3 +189,62 @@ def test_stats_cli_json_table_and_errors(pong_root: Path, tmp_path: Path):
     pq.write_table(pa.table({"x": [1, 2]}), foreign)
     with pytest.raises(DatasetError, match="not a jowa episode index"):
         replay_stats(foreign)
+
+
+# --- acceptance: stats of real emulator recordings equal what was played ---------------------------
+
+def _played(res) -> dict:
+    """Hand computation from the recorder's own record of play (not from the files).
+
+    The reader also recovers the row Dopamine's final log keeps in slot cap-1, so the files give back every
+    played step (no skipped log in this fixture).
+    """
+    assert res.skipped_logs == 0
+    eps = [np.arange(sl.start, sl.stop) for sl in res.episode_slices()]
+    complete = [e for e in eps if res.terminals[e[-1]] == 1]
+    steps = np.concatenate(eps)
+    r = res.rewards[steps]
+    return {"lengths": np.array([len(e) for e in complete]),
+            "returns": np.array([float(res.rewards[e].sum()) for e in complete]),
+            "incomplete": len(eps) - len(complete), "transitions": len(steps),
+            "rewards": {"-1": int((r < 0).sum()), "0": int((r == 0).sum()), "1": int((r > 0).sum())}}
+
+
+def test_stats_of_recorded_replay_equal_what_was_played(recorded_replay, tmp_path: Path):
+    root, cap = recorded_replay.root, recorded_replay.max_episode_steps
+    r = CliRunner().invoke(cli, ["stats", str(root), "--json", "--step-cap", str(cap)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    reg = load_manifests()
+    total_eps = 0
+    for game in recorded_replay.games:
+        res, names = recorded_replay[game], reg.get(game).actions
+        want = _played(res)
+        s = rep["games"][game]["runs"][recorded_replay.run]
+        assert s["episodes"] == len(want["lengths"]) >= 3 and s["incomplete_episodes"] == want["incomplete"] == 1
+        assert s["transitions"] == want["transitions"]
+        assert s["length"] == distribution(want["lengths"]) and s["return"] == distribution(want["returns"])
+        assert s["capped_episodes"] == int((want["lengths"] >= cap).sum())
+        counts = np.bincount(res.actions, minlength=len(names))  # every played step
+        assert s["actions"]["minimal"] == dict(zip(names, counts.tolist()))
+        full = dict.fromkeys(FULL_ACTIONS, 0)
+        for n, c in zip(names, counts.tolist()):
+            full[n] = c
+        assert s["actions"]["full"] == full
+        assert s["rewards"] == want["rewards"] and s["dropped_rows"] == 0 and s["gaps"] == 0
+        assert s["bytes"]["replay"] == sum(p.stat().st_size for p in res.replay_dir.iterdir())
+        total_eps += s["episodes"]
+    assert rep["overall"]["episodes"] == total_eps
+
+    # the whole-data index (every episode) gives the same numbers from the index alone
+    out = tmp_path / "all.parquet"
+    r = CliRunner().invoke(cli, ["subsample", *recorded_replay.games, "--replay", str(root), "--out", str(out),
+                                 "--runs", recorded_replay.run, "--checkpoints", "0-99", "--fraction", "1.0",
+                                 "--include-incomplete", "--json"])
+    assert r.exit_code == 0, r.output
+    idx = json.loads(CliRunner().invoke(cli, ["stats", str(out), "--json", "--step-cap", str(cap)]).output)
+    for game in recorded_replay.games:
+        a, b = idx["games"][game], rep["games"][game]
+        for k in ("episodes", "incomplete_episodes", "transitions", "capped_episodes", "return", "length",
+                  "actions", "rewards"):
+            assert a[k] == b[k], (game, k)
