@@ -49,6 +49,7 @@ class BuildConfig:
     seed: int | None = None  # subsampling seed override (None: each manifest's [data].seed)
     fraction: float | None = None  # subsampling fraction override (paper: 0.1)
     transitions: int | None = None  # target transitions per game override (fine-tuning: 5000)
+    selection: Any = None  # subsample.SubsampleOptions (runs, num_runs, checkpoints, ...); None = manifests'
     progress: bool = True  # tqdm bar on stderr (frames/s, ETA)
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in info.json["source"] as given
 
@@ -71,6 +72,7 @@ def make_plan(index, index_meta: dict, manifests: Sequence[GameManifest], replay
             m = by_name[game]
             cur = {"key": task_key(game, run, part), "game": game, "task_id": m.task_id, "run": int(run),
                    "checkpoints": list(index_meta["games"][game]["checkpoints"]),
+                   "allow_gaps": bool(getattr(cfg.selection, "allow_gaps", False)),
                    "full_action_ids": m.full_action_ids.tolist(), "rows": 0, "episodes": []}
             tasks.append(cur)
         cur["episodes"].append([int(ep), int(ckpt), int(row), int(length)])
@@ -90,33 +92,42 @@ def make_plan(index, index_meta: dict, manifests: Sequence[GameManifest], replay
 
 def _read_task_frames(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(frames (N,84,84) u8, minimal actions (N,), rewards (N,) f32, terminals (N,) u8) of the task's episodes."""
-    from jowa_data.replay import read_episode
+    from jowa_data.replay import iter_episodes
     from jowa_data.subsample import scan_range
 
     root = Path(spec["replay_root"])
-    refs, _ = scan_range(root, spec["game"], spec["run"], tuple(spec["checkpoints"]))
-    by_ep = {int(e.episode): e for e in refs}
-    n = sum(e[3] for e in spec["episodes"])
-    frames = np.empty((n, 84, 84), dtype=np.uint8)
-    actions = np.empty(n, dtype=np.int64)
-    rewards = np.empty(n, dtype=np.float32)
-    terminals = np.empty(n, dtype=np.uint8)
+    where = root / spec["game"] / str(spec["run"])
+    scanned, _ = scan_range(root, spec["game"], spec["run"], tuple(spec["checkpoints"]), spec.get("allow_gaps", False))
+    by_ep = {int(e.episode): e for e in scanned}
+    refs, offsets = [], {}
     i = 0
     for ep, ckpt, row, length in spec["episodes"]:
         ref = by_ep.get(ep)
         if ref is None or tuple(ref.start) != (ckpt, row) or int(ref.length) != length:
-            raise DatasetError(f"{root / spec['game'] / str(spec['run'])}: episode {ep} (ckpt {ckpt}, row {row}, "
-                               f"{length} steps) is no longer in the replay as indexed; the replay changed "
-                               "since this build was planned (use a new --out)")
-        e = read_episode(root, ref)
-        if e.frames.shape != (length, 84, 84):
-            raise ReplayFormatError(f"{root / spec['game'] / str(spec['run'])}: episode {ep}: frames have shape "
-                                    f"{e.frames.shape}, expected ({length}, 84, 84)")
-        frames[i:i + length] = e.frames
-        actions[i:i + length] = e.actions
-        rewards[i:i + length] = e.rewards
-        terminals[i:i + length] = e.terminals
+            raise DatasetError(f"{where}: episode {ep} (ckpt {ckpt}, row {row}, {length} steps) is no longer in "
+                               "the replay as indexed; the replay changed since this build was planned (use a new --out)")
+        refs.append(ref)
+        offsets[ep] = i
         i += length
+    n = i
+    frames = np.empty((n, 84, 84), dtype=np.uint8)
+    actions = np.empty(n, dtype=np.int64)
+    rewards = np.empty(n, dtype=np.float32)
+    terminals = np.empty(n, dtype=np.uint8)
+    seen = 0
+    # iter_episodes reads each observation file once, sequentially, for all of the task's episodes.
+    for e in iter_episodes(root, spec["game"], spec["run"], refs=refs):
+        o, length = offsets[int(e.ref.episode)], int(e.ref.length)
+        if e.frames.shape != (length, 84, 84):
+            raise ReplayFormatError(f"{where}: episode {e.ref.episode}: frames have shape {e.frames.shape}, "
+                                    f"expected ({length}, 84, 84)")
+        frames[o:o + length] = e.frames
+        actions[o:o + length] = e.ref.actions
+        rewards[o:o + length] = e.ref.rewards
+        terminals[o:o + length] = e.ref.terminals
+        seen += 1
+    if seen != len(refs):
+        raise ReplayFormatError(f"{where}: read {seen} of the task's {len(refs)} episodes")
     return frames, actions, rewards, terminals
 
 
@@ -333,7 +344,7 @@ def build_dataset(manifests: Sequence[GameManifest], replay_root: str | Path, to
         raise CheckpointError(f"{tok_path}: tokenizer checkpoint not found")
     t_start = time.perf_counter()
     index = build_index(list(manifests), replay_root, seed=cfg.seed, fraction=cfg.fraction,
-                        transitions=cfg.transitions)
+                        transitions=cfg.transitions, options=cfg.selection)
     index_meta = index_metadata(index)
     plan = make_plan(index, index_meta, manifests, str(Path(replay_root).resolve()), tokenizer_checksum(tok_path), cfg)
     plan_bytes = (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode()
@@ -443,3 +454,34 @@ def write_dataset(out_dir: str | Path, manifests: Sequence[GameManifest], episod
         write_task(out, spec, to_task_arrays(spec, cat("tokens").reshape(-1, TOKENS_PER_FRAME), cat("actions"),
                                              cat("rewards"), cat("terminals")))
     return _finalise(out, plan, index, meta, [by_name[g] for g in sorted(episodes)], cfg)
+
+
+# --- stats of a built dataset (used by `jowa-data stats DIR`) -------------------------------------
+
+def dataset_stats(dataset_dir: str | Path) -> dict[str, Any]:
+    """What a built dataset adds to the index stats: per game codebook usage (unique tokens, perplexity),
+    bytes on disk per frame and shard/file counts per format, plus provenance from info.json."""
+    from jowa_data.layout import read_info
+
+    d = Path(dataset_dir)
+    info = read_info(d)
+    p = d / STATS
+    try:
+        stats = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{p}: unreadable ({e})") from e
+    games = {}
+    for g, s in sorted(stats["games"].items()):
+        games[g] = {"task_id": s["task_id"], "episodes": s["episodes"], "transitions": s["transitions"],
+                    "unique_tokens": s["codebook"]["unique_tokens"], "perplexity": s["codebook"]["perplexity"],
+                    "storage": s["storage"]}
+    total_rows = max(info.total_transitions, 1)
+    storage = {}
+    for fmt in info.formats:
+        nbytes = sum(s["storage"][fmt]["bytes"] for s in stats["games"].values())
+        storage[fmt] = {"bytes": nbytes, "files": sum(s["storage"][fmt]["files"] for s in stats["games"].values()),
+                        "bytes_per_frame": nbytes / total_rows}
+    return {"kind": "dataset", "path": str(d), "format_version": info.format_version, "formats": info.formats,
+            "tokens_per_frame": info.tokens_per_frame, "vocab_size": info.vocab_size,
+            "tokenizer_checksum": info.tokenizer_checksum, "total_episodes": info.total_episodes,
+            "total_transitions": info.total_transitions, "storage": storage, "games": games}
