@@ -90,7 +90,7 @@ def subsample_cmd(games: tuple[str, ...], replay_root: str, out: str, runs: str 
 @manifests_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def stats_cmd(path: str, step_cap: int, manifest_dirs: tuple[str, ...], as_json: bool) -> None:
-    """Statistics of a DQN-Replay root or an episode index: per game, per run and overall."""
+    """Statistics of a DQN-Replay root, an episode index or a built dataset: per game, per run and overall."""
     from jowa_data.stats import path_kind, replay_stats
 
     reg = load_registry(manifest_dirs) if path_kind(path) == "replay" else None
@@ -99,6 +99,10 @@ def stats_cmd(path: str, step_cap: int, manifest_dirs: tuple[str, ...], as_json:
         echo_json(report)
         return
     print_report(report)
+    if "dataset" in report:
+        from jowa_data import cli_build
+
+        cli_build.print_dataset_stats(report["dataset"])
 
 
 def _fmt(x: Any, digits: int = 2) -> str:

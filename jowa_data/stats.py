@@ -231,7 +231,7 @@ def index_partials(path: str | Path) -> tuple[list[PartialStats], dict[str, Any]
     parts = []
     for g, rec in sorted(meta["games"].items()):
         names = rec["actions"]
-        for r in rec["runs"]:
+        for r in sorted(set(rec.get("runs", [])) | {run for game, run in rows if game == g}):
             idx = rows.get((g, r), [])
             counts = np.zeros(len(names), np.int64)
             rewards = np.zeros(3, np.int64)
@@ -252,8 +252,13 @@ def index_partials(path: str | Path) -> tuple[list[PartialStats], dict[str, Any]
 
 
 def path_kind(path: str | Path) -> str:
-    """'index' for an episode index (file, or a folder with episodes.parquet), 'replay' for a replay root."""
+    """'dataset' for a built token dataset, 'index' for an episode index (a file, or a folder holding
+    episodes.parquet), 'replay' for any other folder (a DQN-Replay root)."""
+    from jowa_data.layout import is_built_dataset
+
     path = Path(path)
+    if is_built_dataset(path):
+        return "dataset"
     if path.is_file():
         return "index"
     if (path / "episodes.parquet").is_file():
@@ -265,10 +270,11 @@ def path_kind(path: str | Path) -> str:
 
 def replay_stats(path: str | Path, registry: Any = None, step_cap: int = DEFAULT_STEP_CAP,
                  progress: bool = False) -> dict[str, Any]:
-    """Stats of a DQN-Replay root or an episode index: {kind, path, step_cap, overall, games{.., runs}}."""
+    """Stats of a DQN-Replay root, an episode index or a built dataset: {kind, path, step_cap, overall,
+    games{.., runs}}; a built dataset adds `dataset` (codebook usage, storage: `build.dataset_stats`)."""
     path = Path(path)
     kind = path_kind(path)
-    if kind == "index":
+    if kind in ("index", "dataset"):
         file = path if path.is_file() else path / "episodes.parquet"
         parts, meta = index_partials(file)
         report = summarize(parts, step_cap)
@@ -278,4 +284,9 @@ def replay_stats(path: str | Path, registry: Any = None, step_cap: int = DEFAULT
                 report["games"][g]["selection"] = {k: v for k, v in rec.items() if k not in ("actions",)}
     else:
         report = summarize(replay_partials(path, registry, progress), step_cap)
+    if kind == "dataset":
+        from jowa_data import build
+
+        if hasattr(build, "dataset_stats"):  # the token-dataset part (codebook usage, storage)
+            report["dataset"] = build.dataset_stats(path)
     return {"kind": kind, "path": str(path), **report}

@@ -248,3 +248,33 @@ def test_stats_of_recorded_replay_equal_what_was_played(recorded_replay, tmp_pat
         for k in ("episodes", "incomplete_episodes", "transitions", "capped_episodes", "return", "length",
                   "actions", "rewards"):
             assert a[k] == b[k], (game, k)
+
+
+def test_stats_of_a_built_dataset_reads_its_index_and_adds_codebook_usage(tmp_path: Path):
+    from jowa_data.build import EpisodeArrays, write_dataset
+
+    rng = np.random.default_rng(0)
+    eps = []
+    for t, run in ((5, 1), (9, 1), (4, 2)):
+        term = np.zeros(t, np.uint8)
+        term[-1] = 1
+        eps.append(EpisodeArrays(tokens=rng.integers(0, 64, (t, 36)).astype(np.uint16),
+                                 actions=rng.integers(0, 6, t), rewards=rng.choice([-1.0, 0.0, 1.0], t).astype(
+                                     np.float32), terminals=term, run=run))
+    out = tmp_path / "ds"
+    write_dataset(out, [load_manifests().get("Pong")], {"Pong": eps})
+    r = CliRunner().invoke(cli, ["stats", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["kind"] == "dataset" and set(rep["games"]["Pong"]["runs"]) == {"1", "2"}
+    s = rep["games"]["Pong"]
+    assert s["episodes"] == 3 and s["transitions"] == 18 and s["length"] == distribution(np.array([5, 9, 4]))
+    assert s["return"]["mean"] == pytest.approx(np.mean([float(e.rewards.sum()) for e in eps]))
+    counts = np.bincount(np.concatenate([e.actions for e in eps]), minlength=6)
+    assert s["actions"]["minimal"] == dict(zip(PONG, counts.tolist()))
+    r = CliRunner().invoke(cli, ["stats", str(out)])
+    assert r.exit_code == 0 and "Pong" in r.output
+    from jowa_data import build
+
+    if hasattr(build, "dataset_stats"):  # the build module's part of the report
+        assert rep["dataset"]["games"]["Pong"]["transitions"] == 18 and "token dataset" in r.output
