@@ -589,12 +589,21 @@ def _episode_jobs(logs: _Loc, refs: Sequence[EpisodeRef], infos: dict[int, _Ckpt
 
 
 def _infos_for(logs: _Loc, ckpts: Iterable[int], decoder: str) -> dict[int, _Ckpt]:
-    """Validity of the given suffixes from add_count + the observation header (no data rows read)."""
+    """Validity of the given suffixes from add_count and the headers of the terminal/observation files.
+
+    Only headers are decoded; the capacities of both files must agree (the scan used the terminal file's).
+    """
     out = {}
     for k in sorted(set(ckpts)):
         n = _read_add_count(logs, k, decoder)
+        name = file_name("terminal", k)
+        with logs.open_gz(name, decoder) as f:
+            ht = read_header(f, str(logs.child(name)))
+        check_header(ht, str(logs.child(name)), np.uint8, ())
         with contextlib.ExitStack() as stack:
-            _, h, _ = _open_obs(logs, k, stack, decoder)
+            _, h, where = _open_obs(logs, k, stack, decoder)
+        if h.rows != ht.rows:
+            raise ReplayFormatError(f"{where}: {h.rows} rows, but the terminal file has {ht.rows}")
         out[k] = _Ckpt(k, n, h.rows, _segments(n, h.rows, k))
     return out
 

@@ -279,3 +279,12 @@ def test_unknown_game_lists_the_games(run40):
     shutil.rmtree(replay_dir(root, "Pong", 1))
     with pytest.raises(ReplayFormatError, match="replay_logs"):
         replay.list_checkpoints(root, "Pong", 1)
+
+
+def test_final_log_right_after_a_wrap_log_adds_nothing(tmp_path):
+    """close() just after a regular log: the final suffix repeats the previous buffer, so it holds no new rows."""
+    played = play(tmp_path, [10, 8, 12, 5, 9], capacity=20)  # 59 adds = the log at add_count 59, then close()
+    assert replay.list_checkpoints(tmp_path, "Pong", 1) == [0, 1, 2, 3]
+    scan = replay.inspect_run(tmp_path, "Pong", 1)
+    assert scan.rows == 59 and scan.episodes[-1].spans[-1][0] == 2
+    check_episodes(list(replay.iter_episodes(tmp_path, "Pong", 1)), played, played.episodes, [True] * 5)
