@@ -1,0 +1,335 @@
+"""Train the VQ-VAE tokenizer on replay frames, with exact resume after a kill.
+
+Paper appendix E / official code: Adam (no weight decay), lr 1e-4, batch 2048 frames, grad-norm clip 1.0,
+loss L1 + codebook + commitment + LPIPS (weights 1). Beyond the paper: codebook usage, perplexity and
+dead-code count are logged every `log_every` steps, and an optional dead-code restart (off by default).
+
+Run folder (`out`):
+  config.json     the resolved TokenizerTrainConfig (+ where the frames came from)
+  checkpoint.pt   full training state: tokenizer, Adam, step, sampler position, RNG states, code monitor
+  tokenizer.pt    the tokenizer alone (`jowa_model.tokenizer.load_tokenizer`)
+  frames.npy      frames materialised from an episode index (when trained from one)
+  metrics.jsonl   one JSON line per logged step (append-only; lines after the last checkpoint are dropped on resume)
+  tb/             TensorBoard scalars and reconstruction images
+  recon/step_XXXXXXX.png   originals (top) vs reconstructions (bottom)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from jowa_data.config import config_from_dict, config_to_dict
+from jowa_data.errors import CheckpointError, ConfigError
+from jowa_data.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
+from jowa_model.tokenizer import (CodebookMonitor, Tokenizer, TokenizerConfig, save_tokenizer, tokenizer_from_dict,
+                                  tokenizer_preset, tokenizer_to_dict)
+from pipelines.frames import FrameSampler, gather, materialize_frames, open_frames
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """Tokenizer training. Defaults are the paper's (appendix E); `train_preset("tiny")` is the CPU demo."""
+
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)  # architecture + loss (paper preset)
+    batch_size: int = 2048  # frames per step (paper: 2048 = 256/GPU x 8 GPUs)
+    lr: float = 1e-4  # Adam learning rate (paper/official: 1e-4, no weight decay)
+    grad_clip: float = 1.0  # max global grad norm (official: 1.0)
+    steps: int = 250_000  # optimizer steps (official stage 1: 250k)
+    seed: int = 0  # model init, frame order, dead-code restarts
+    device: str = "auto"  # "auto" = cuda if available else cpu
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on cuda (official), fp32 on cpu
+    log_every: int = 50  # steps between metric lines (metrics.jsonl + TensorBoard)
+    ckpt_every: int = 1000  # steps between checkpoints (also written at the last step)
+    image_every: int = 1000  # steps between reconstruction grids (0 = only at the end)
+    image_frames: int = 8  # frames in a reconstruction grid
+    max_frames: int = 0  # cap on frames taken from an index (0 = all), split equally between games
+    dead_code_restart: bool = False  # beyond the paper: move dead codes onto batch encoder outputs
+    dead_code_window: int = 1000  # steps without use after which a code counts as dead (logged always)
+    restart_every: int = 1000  # steps between dead-code restarts (when enabled)
+    tensorboard: bool = True  # write TensorBoard event files under tb/
+
+
+def train_preset(name: str) -> TokenizerTrainConfig:
+    """`paper` (appendix E) or `tiny` (CPU: small model, batch 32, lr 1e-3, perceptual off, 2000 steps)."""
+    if name == "paper":
+        return TokenizerTrainConfig()
+    if name == "tiny":
+        # lr 1e-3: a few thousand CPU steps would barely move the codebook at the paper's 1e-4.
+        return TokenizerTrainConfig(model=tokenizer_preset("tiny"), batch_size=32, lr=1e-3, steps=2000,
+                                    log_every=10, ckpt_every=200, image_every=500, dead_code_window=200,
+                                    restart_every=200)
+    raise ConfigError(f"unknown tokenizer training preset {name!r} (choose 'paper' or 'tiny')")
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def batch_digest(idx: np.ndarray) -> str:
+    """Short hash of a batch's frame positions: lets tests and users check that a resume sees the same data."""
+    return hashlib.sha256(np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def recon_grid(originals: np.ndarray, recons: np.ndarray, scale: int = 2, gap: int = 2) -> np.ndarray:
+    """Two rows (originals over reconstructions) of uint8 (K,84,84) frames -> one uint8 image."""
+    k, h, w = originals.shape
+    img = np.full((2 * h + 3 * gap, k * w + (k + 1) * gap), 255, dtype=np.uint8)
+    for row, frames in enumerate((originals, recons)):
+        y = gap + row * (h + gap)
+        for i in range(k):
+            x = gap + i * (w + gap)
+            img[y:y + h, x:x + w] = frames[i]
+    return np.kron(img, np.ones((scale, scale), dtype=np.uint8)) if scale > 1 else img
+
+
+def write_recon_png(tok: Tokenizer, frames: np.ndarray, path: str | Path) -> tuple[Path, np.ndarray, float]:
+    """Encode->decode `frames`, write the grid PNG atomically; returns (path, grid, mean L1 in [0,1] pixels)."""
+    from PIL import Image
+
+    was_training = tok.training
+    tok.eval()
+    recons = tok.decode(tok.encode(frames))
+    tok.train(was_training)
+    grid = recon_grid(frames, recons)
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(grid, mode="L").save(tmp, format="PNG")
+    l1 = float(np.abs(frames.astype(np.float32) - recons.astype(np.float32)).mean() / 255.0)
+    return Path(path), grid, l1
+
+
+def _rng_state(gen: torch.Generator, device: torch.device) -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "restart": gen.get_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st: dict[str, Any], gen: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(st["torch"])
+    gen.set_state(st["restart"])
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a torn last line from the kill
+    atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+# --- training ----------------------------------------------------------------------------------------
+
+def train_tokenizer(cfg: TokenizerTrainConfig, out: str | Path, *, frames: str | Path | None = None,
+                    index: str | Path | None = None, replay_root: str | Path | None = None,
+                    games: tuple[str, ...] = (), resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) a tokenizer in run folder `out` on frames from a .npy file or an episode index.
+
+    Returns a summary: steps, first/last logged metrics, frames/s, paths of tokenizer.pt and the last PNG.
+    """
+    out = Path(out)
+    ckpt_path, config_path = out / "checkpoint.pt", out / "config.json"
+    metrics_path = out / "metrics.jsonl"
+    state = None
+    if ckpt_path.exists():
+        if not resume:
+            raise ConfigError(f"{ckpt_path}: this run folder already holds a checkpoint; pass --resume to continue "
+                              "it, or choose another --out")
+        state = safe_torch_load(ckpt_path)
+        if not isinstance(state, dict) or state.get("format") != "jowa-tokenizer-train":
+            raise CheckpointError(f"{ckpt_path}: not a jowa tokenizer training checkpoint")
+        stored = state["config"]
+        diff = [d for d in _config_diff(stored, config_to_dict(cfg)) if not d.startswith("steps:")]
+        if diff:
+            raise ConfigError(f"{ckpt_path}: resume with a different config ({'; '.join(diff)}); only 'steps' may "
+                              "change on resume")
+        cfg = dataclasses.replace(config_from_dict(TokenizerTrainConfig, stored), steps=cfg.steps)
+        frames = state["data"]["frames"]
+        log.info("resuming %s at step %d", out, state["step"])
+    elif frames is None:
+        if index is None or replay_root is None:
+            raise ConfigError("tokenizer training needs --frames FILE.npy, or --index episodes.parquet with --replay ROOT")
+        frames = out / "frames.npy"
+        if not frames.exists():
+            log.info("materialising frames from %s into %s", index, frames)
+            materialize_frames(index, replay_root, frames, max_frames=cfg.max_frames, games=games)
+    frames_path = Path(frames)
+    data = open_frames(frames_path)
+    data_info = {"frames": str(frames_path.resolve()), "n": int(data.shape[0]),
+                 "index": str(index) if index else None, "games": list(games)}
+    if state is not None and int(state["data"]["n"]) != data.shape[0]:
+        raise CheckpointError(f"{frames_path}: holds {data.shape[0]} frames, the checkpoint was trained on "
+                              f"{state['data']['n']}")
+
+    device = pick_device(cfg.device)
+    amp = autocast_dtype(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    tok = Tokenizer(cfg.model).to(device)
+    opt = torch.optim.Adam(tok.parameters(), lr=cfg.lr)
+    sampler = FrameSampler(data.shape[0], cfg.batch_size, seed=cfg.seed)
+    monitor = CodebookMonitor(cfg.model.vocab_size, cfg.dead_code_window)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    step = 0
+    if state is not None:
+        tok.load_state_dict(tokenizer_from_dict(state["tokenizer"], ckpt_path).state_dict())
+        opt.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        monitor.load_state_dict(state["monitor"])
+        _set_rng_state(state["rng"], gen, device)
+        step = int(state["step"])
+        _truncate_metrics(metrics_path, step)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(config_path, {"config": config_to_dict(cfg), "data": data_info})
+    tok.train()
+    tok.perceptual_module()  # build (and log) the LPIPS backend before the first step: fail early
+    # Fixed frames for the reconstruction grids: spread evenly over the data, same every time.
+    grid_idx = np.linspace(0, data.shape[0] - 1, num=min(cfg.image_frames, data.shape[0])).astype(np.int64)
+    grid_frames = gather(data, grid_idx)
+
+    writer = None
+    if cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"), purge_step=step if step else None)
+
+    def save(step: int) -> None:
+        atomic_torch_save({"format": "jowa-tokenizer-train", "step": step, "config": config_to_dict(cfg),
+                           "data": data_info, "tokenizer": tokenizer_to_dict(tok), "optimizer": opt.state_dict(),
+                           "sampler": sampler.state_dict(), "monitor": monitor.state_dict(),
+                           "rng": _rng_state(gen, device)}, ckpt_path)
+        save_tokenizer(tok, out / "tokenizer.pt")
+
+    def image(step: int) -> Path:
+        path, grid, l1 = write_recon_png(tok, grid_frames, out / "recon" / f"step_{step:07d}.png")
+        if writer is not None:
+            writer.add_image("recon", grid, step, dataformats="HW")
+            writer.add_scalar("recon/l1_pixels", l1, step)
+        return path
+
+    first: dict[str, Any] | None = None
+    last: dict[str, Any] | None = None
+    png: Path | None = None
+    t0, frames_done = time.perf_counter(), 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="tokenizer", unit="step", dynamic_ncols=True)
+    with metrics_path.open("a", encoding="utf-8") as mf:
+        while step < cfg.steps:
+            idx = sampler.next_indices()
+            batch = torch.from_numpy(gather(data, idx)).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss, metrics, outp = tok.compute_loss(batch, return_output=True)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(tok.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            frames_done += len(idx)
+            monitor.update(outp.tokens, step)
+            restarted = 0
+            if cfg.dead_code_restart and step % cfg.restart_every == 0:
+                restarted = restart_dead_codes(tok, opt, monitor, outp.z.detach(), step, gen)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                rec = {"step": step, **{k: float(v) for k, v in metrics.items()},
+                       "grad_norm": float(grad_norm), "dead_codes": int(monitor.dead(step).numel()),
+                       "restarted": restarted, "lr": opt.param_groups[0]["lr"],
+                       "frames_per_s": frames_done / max(time.perf_counter() - t0, 1e-9),
+                       "batch": batch_digest(idx)}
+                mf.write(json.dumps(rec, sort_keys=True) + "\n")
+                mf.flush()
+                if writer is not None:
+                    for k, v in rec.items():
+                        if k not in ("step", "batch"):
+                            writer.add_scalar(f"train/{k}", v, step)
+                first = first or rec
+                last = rec
+                if bar is not None:
+                    bar.set_postfix(l1=f"{rec['l1']:.4f}", ppl=f"{rec['perplexity']:.0f}", dead=rec["dead_codes"])
+            if (cfg.image_every and step % cfg.image_every == 0) or step == cfg.steps:
+                png = image(step)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                if writer is not None:
+                    writer.flush()
+                save(step)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+    if not (out / "tokenizer.pt").exists():  # resumed a finished run
+        save(step)
+    return {"step": step, "first": first, "last": last, "out": str(out), "tokenizer": str(out / "tokenizer.pt"),
+            "png": str(png) if png else None, "frames": str(frames_path), "num_frames": int(data.shape[0]),
+            "frames_per_s": frames_done / max(time.perf_counter() - t0, 1e-9), "params": tok.num_params()}
+
+
+def restart_dead_codes(tok: Tokenizer, opt: torch.optim.Optimizer, monitor: CodebookMonitor, z: torch.Tensor,
+                       step: int, gen: torch.Generator) -> int:
+    """Move codes unused for `monitor.window` steps onto this batch's encoder outputs; reset their Adam moments."""
+    dead = monitor.dead(step)
+    if dead.numel() == 0:
+        return 0
+    flat = z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (N*g*g, E)
+    tok.restart_codes(dead, flat, gen)
+    st = opt.state.get(tok.embedding.weight)
+    if st:
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                st[key][dead.to(st[key].device)] = 0
+    monitor.last_used[dead] = step
+    return int(dead.numel())
+
+
+def encode_throughput(tok: Tokenizer, frames: np.ndarray, chunk_size: int = 256, reps: int = 1) -> float:
+    """Frames per second of `tok.encode` on `frames` (best of `reps`)."""
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        tok.encode(frames, chunk_size=chunk_size)
+        best = min(best, time.perf_counter() - t)
+    return len(frames) / best
