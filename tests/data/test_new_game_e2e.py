@@ -37,6 +37,8 @@ def test_breakout_manifest_record_subsample_stats(breakout_manifest_dir: Path, t
                             "--manifests", mdir)
         assert recs[run]["task_id"] == 13 and recs[run]["skipped_logs"] == 0 and len(recs[run]["checkpoints"]) == 3
 
+    r = CliRunner().invoke(cli, ["stats", str(root)])  # action names come from the manifest: say which is missing
+    assert r.exit_code == 1 and "unknown game 'Breakout'" in r.output
     raw = run_cli("stats", str(root), "--step-cap", str(CAP), "--manifests", mdir)
     g = raw["games"]["Breakout"]
     assert set(g["runs"]) == {"1", "2"} and g["transitions"] == 2 * STEPS
