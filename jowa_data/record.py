@@ -126,8 +126,8 @@ class RecordResult:
 
     `add_steps[i]` is the step stored by buffer add i (-1 for a padding row), and `checkpoints`
     say which adds each written suffix yields under the read rule, so `logged_steps()` is exactly
-    the sequence of steps a correct reader returns (Dopamine loses one add before the final suffix,
-    and a whole wrap when an episode start skips a log; both are visible here).
+    the sequence of steps a correct reader returns. It equals all steps unless an episode start
+    skipped a log (`skipped_logs > 0`: a whole wrap of adds is then missing from the files).
     """
 
     game: str
@@ -172,14 +172,14 @@ class RecordResult:
         """Step indices of each episode exactly as a correct reader returns it from the files.
 
         The stitched stream of `logged_steps()` split after each terminal; the last one may be cut
-        (check `terminals[ep[-1]]`). Differs from `episode_slices()` only where Dopamine lost rows.
+        (check `terminals[ep[-1]]`). Differs from `episode_slices()` only where a skipped log lost rows.
         """
         s = self.logged_steps()
         ends = np.flatnonzero(self.terminals[s] == 1) + 1
         return [e for e in np.split(s, ends) if len(e)]
 
     def fully_logged(self) -> bool:
-        """True when every step reached the files (no skipped log, no row lost before the final one)."""
+        """True when every played step can be read back from the files, in order."""
         s = self.logged_steps()
         return len(s) == self.steps and bool(np.all(s == np.arange(self.steps)))
 

@@ -8,7 +8,9 @@ shared/reference/data-formats.md §1.1-1.3), including its quirks:
 * the buffer is logged as suffix `_log_count` after an `add()` that leaves
   `add_count % cap == cap - 1` (the check runs once per `add()`, after the padding, so an episode
   start can jump over `cap - 1` and skip a log: the cause of runs that stop at suffix 49);
-* `close()` logs once more with `add_count` replaced by the cursor (`add_count % cap`);
+* `close()` logs once more with `add_count` replaced by the cursor c (`add_count % cap`); its new
+  rows are slot `cap-1` (the add right after the previous log) then slots [0, c), which is how
+  `jowa_data.replay` reads it (the plain `arr[:c]` rule would lose the slot `cap-1` row);
 * slot `cap - 1` of suffix 0 is never written (Dopamine: `np.empty`; here: zeros, for reproducibility).
 
 Files are gzip(`np.save(allow_pickle=False)`) with `mtime=0` and no file name in the gzip header,
@@ -62,10 +64,12 @@ def write_npy_gz(path: str | os.PathLike, arr: np.ndarray, compresslevel: int = 
 
 @dataclass(frozen=True)
 class LoggedCheckpoint:
-    """One written suffix and the global add indices [first_add, stop_add) that the read rule yields.
+    """One written suffix and the global add indices [first_add, stop_add) a reader gets from it.
 
-    The read rule (Dopamine `is_full`): n = add_count; n < cap → slots [0, n); else oldest-first
-    rotation at n % cap. Both give the last min(n, cap) adds before the moment of logging.
+    Read rule (Dopamine `is_full`, as `jowa_data.replay` applies it): n = add_count; n >= cap → the
+    oldest-first rotation at n % cap (the last cap adds); suffix 0 with n < cap → slots [0, n);
+    a final log after earlier ones (suffix > 0, n = cursor < cap) → slot cap-1 then slots [0, n),
+    i.e. the last n+1 adds (none if n == cap-1: nothing was added since the previous log).
     """
 
     suffix: int
@@ -73,6 +77,18 @@ class LoggedCheckpoint:
     first_add: int  # global index (0-based, padding included) of the first add the read rule yields
     stop_add: int  # one past the last
     final: bool  # written by close() (add_count = cursor)
+
+
+def readable_adds(suffix: int, add_count: int, capacity: int, true_count: int) -> tuple[int, int]:
+    """[first, stop) global add indices a suffix logged with `add_count` yields (see `LoggedCheckpoint`)."""
+    n, cap, N = add_count, capacity, true_count
+    if n >= cap:
+        m = cap
+    elif suffix == 0:
+        m = n
+    else:
+        m = 0 if n == cap - 1 else n + 1
+    return N - m, N
 
 
 class ReplayLogger:
@@ -157,14 +173,13 @@ class ReplayLogger:
 
     def _log(self, add_count: int, final: bool) -> None:
         suffix = self.log_count
-        n = self.add_count  # true count at logging time
-        m = min(add_count, self.capacity)  # rows the read rule yields
         arrays = {STORE_PREFIX + k: v for k, v in self.store.items()}
         arrays["invalid_range"] = invalid_range(self.cursor, self.capacity)
         arrays["add_count"] = np.array(add_count, dtype=np.int64)
         for name in FILE_NAMES:  # add_count last
             write_npy_gz(self.dir / ckpt_filename(name, suffix), arrays[name], self.compresslevel)
-        self.logged.append(LoggedCheckpoint(suffix, int(add_count), n - m, n, final))
+        first, stop = readable_adds(suffix, int(add_count), self.capacity, self.add_count)
+        self.logged.append(LoggedCheckpoint(suffix, int(add_count), first, stop, final))
         self.log_count += 1
 
     def __enter__(self) -> "ReplayLogger":

@@ -2,9 +2,10 @@
 
 `recorded_replay`: Pong and Phoenix, run "1", capacity 500 per checkpoint file and a 150-step
 episode cap, so each game has 3 suffixes (2 full logs + the final one), 8 episodes, episodes that
-cross file boundaries, and a last episode cut by the end of recording (no terminal). Compare a
-reader's output with `result.expected_episodes()` / `result.logged_steps()` (exact, including the
-one row Dopamine's final log loses) and `result.frames[steps]`, `result.actions[steps]`, ...
+cross file boundaries, and a last episode cut by the end of recording (no terminal). No log is
+skipped, so every played step is readable: compare a reader's episodes with
+`result.episode_slices()` (== `result.expected_episodes()` here) and `result.frames[sl]`,
+`result.actions[sl]`, `result.rewards[sl]`, `result.terminals[sl]`.
 
 `breakout_manifest_dir`: a folder holding only `Breakout.toml` (task id 13, NOOP/FIRE/RIGHT/LEFT):
 a game defined by a manifest file alone.
@@ -75,7 +76,7 @@ def recorded_replay(tmp_path_factory) -> RecordedReplay:
     res = make_recorded_replay(root)
     results = {g: res[(g, "1")] for g in FIXTURE_GAMES}
     for g, r in results.items():  # the properties the tests downstream rely on
-        assert r.skipped_logs == 0 and len(r.checkpoints) >= 3 and r.num_episodes >= 3, g
+        assert r.skipped_logs == 0 and r.fully_logged() and len(r.checkpoints) >= 3 and r.num_episodes >= 3, g
         assert r.terminals[-1] == 0, g  # last episode cut
     return RecordedReplay(root=root, games=FIXTURE_GAMES, run="1", results=results,
                           capacity=FIXTURE_CAPACITY, max_episode_steps=FIXTURE_MAX_EPISODE_STEPS)

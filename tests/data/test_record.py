@@ -80,9 +80,12 @@ def test_fixture_files_hold_exactly_what_was_played(recorded_replay, game):
     ends = np.flatnonzero(r.terminals)
     np.testing.assert_array_equal(ends + 1, np.r_[r.episode_starts[1:]])
     assert r.episode_lengths.sum() == r.steps and r.episode_lengths.max() <= recorded_replay.max_episode_steps
-    # what a reader returns: the logged stream split at terminals (one add lost before the final log)
+    # what a reader returns: every played step, split at terminals (the final log's slot cap-1 included)
     eps = r.expected_episodes()
-    assert sum(len(e) for e in eps) == r.steps - 1 and len(eps) == r.num_episodes
+    assert r.fully_logged() and [len(e) for e in eps] == r.episode_lengths.tolist()
+    final, prev = r.checkpoints[-1], r.checkpoints[-2]
+    assert final.first_add == prev.stop_add == prev.add_count and final.stop_add == len(r.add_steps)
+    assert load(d, "$store$_observation", final.suffix)[cap - 1].tolist() == r.frames[r.add_steps[prev.stop_add]].tolist()
     assert r.terminals[eps[-1][-1]] == 0 and all(r.terminals[e[-1]] == 1 for e in eps[:-1])
 
 

@@ -36,7 +36,12 @@ def read_stream(d, logged):
         n = int(load(d, "add_count", lc.suffix))
         arrs = [load(d, W.STORE_PREFIX + k, lc.suffix) for k in W.STORE_NAMES]
         cap = len(arrs[0])
-        idx = np.arange(n) if n < cap else np.r_[np.arange(n % cap, cap), np.arange(n % cap)]
+        if n >= cap:
+            idx = np.r_[np.arange(n % cap, cap), np.arange(n % cap)]
+        elif lc.suffix == 0:
+            idx = np.arange(n)
+        else:  # final log after earlier ones: slot cap-1 holds the add right after the previous log
+            idx = np.r_[[] if n == cap - 1 else [cap - 1], np.arange(n)].astype(int)
         rows += [(int(arrs[0][i, 0, 0]), int(arrs[1][i]), float(arrs[2][i]), int(arrs[3][i])) for i in idx]
     return rows
 
@@ -58,7 +63,7 @@ def test_padding_rotation_and_final(tmp_path):
     assert sorted(p.name for p in d.iterdir()) == sorted(
         W.ckpt_filename(n, s) for n in W.FILE_NAMES for s in (0, 1))
     final = lg.logged[-1]
-    assert (final.suffix, final.add_count, final.first_add, final.stop_add, final.final) == (1, 4, 20, 24, True)
+    assert (final.suffix, final.add_count, final.first_add, final.stop_add, final.final) == (1, 4, 19, 24, True)
     assert int(load(d, "add_count", 1)) == 24 % cap
     # dtypes and shapes exactly as DQN-Replay
     for s in (0, 1):
@@ -77,10 +82,10 @@ def test_padding_rotation_and_final(tmp_path):
     obs1 = load(d, "$store$_observation", 1)[:, 0, 0]
     assert obs1[:4].tolist() == [0, 0, 0, 203] and obs1[9] == 108
     assert load(d, "$store$_terminal", 1)[9] == 1
-    # stitched read: suffix 0 = adds 9..18, final = adds 20..23 (add 19 in slot 9 is lost, as in Dopamine)
+    # stitched read: suffix 0 = adds 9..18, final = add 19 (slot 9) then adds 20..23 (slots 0..3)
     rows = read_stream(d, lg.logged)
-    assert [r[0] for r in rows] == [0, 0, 100, 101, 102, 103, 104, 105, 106, 107] + [0, 0, 0, 203]
-    assert [r[3] for r in rows] == [0] * 14
+    assert [r[0] for r in rows] == [0, 0, 100, 101, 102, 103, 104, 105, 106, 107] + [108, 0, 0, 0, 203]
+    assert [r[3] for r in rows] == [0] * 10 + [1, 0, 0, 0, 0]
     assert rows[3][1:] == (101 % 6, 1.0, 0) and rows[-1][1:] == (5, 0.0, 0)
     assert lg.logged[0].first_add == 9  # adds 0..8 (ep 1 and the padding) were overwritten unlogged
 
@@ -109,6 +114,10 @@ def test_first_suffix_starts_with_padding_and_rows_are_gapless(tmp_path):
         v += L
     rows = read_stream(d, regular)
     assert [r[0] for r in rows] == [x % 256 for x in truth[: regular[-1].stop_add]]
+    final = lg.logged[-1]
+    assert final.final and final.first_add == regular[-1].stop_add and final.stop_add == len(truth)
+    rows = read_stream(d, lg.logged)  # with the final log: every add, in order
+    assert [r[0] for r in rows] == [x % 256 for x in truth]
 
 
 def test_byte_exact_and_reproducible_gzip_header(tmp_path):
@@ -174,3 +183,18 @@ def test_bad_obs_rejected(tmp_path):
         lg.add(np.zeros((84, 84), np.float32), 0, 0.0, False)
     with pytest.raises(ValueError, match="capacity"):
         W.ReplayLogger(tmp_path, "X", 1, capacity=3)
+
+
+def test_close_right_after_a_full_log_and_readable_ranges(tmp_path):
+    cap = 8
+    with W.ReplayLogger(tmp_path, "Pong", 1, capacity=cap) as lg:
+        play(lg, [4])  # 3 pad + 4 = 7 = cap-1 -> suffix 0; close() then logs suffix 1 with add_count 7
+    assert [(c.suffix, c.add_count, c.first_add, c.stop_add, c.final) for c in lg.logged] == [
+        (0, 7, 0, 7, False), (1, 7, 7, 7, True)]  # the final log holds nothing new
+    d = W.replay_dir(tmp_path, "Pong", 1)
+    assert int(load(d, "add_count", 1)) == 7
+    assert W.readable_adds(0, 5, cap, 5) == (0, 5)  # only log: arr[:n]
+    assert W.readable_adds(3, 2, cap, 40) == (37, 40)  # final after earlier logs: slot cap-1 + arr[:2]
+    assert W.readable_adds(3, 31, cap, 31) == (23, 31)  # full log: the last cap adds
+    with pytest.raises(RuntimeError, match="after close"):
+        lg.add(frame(1), 0, 0.0, False)
