@@ -8,7 +8,7 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 pytest_plugins = [
-    p for p in ("tests.fixtures_data", "tests.fixtures_model")
+    p for p in ("tests.fixtures_data", "tests.fixtures_model", "tests.fixtures_pipeline")
     if os.path.exists(os.path.join(os.path.dirname(__file__), p.split(".")[1] + ".py"))
 ]
 

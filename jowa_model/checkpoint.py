@@ -1,0 +1,43 @@
+"""World-action checkpoints: weights + the resolved model config + format version, loaded weights-only.
+
+A checkpoint written by `pipelines.pretrain` / `pipelines.finetune` holds more (optimizer, RNG, stream
+position); `load_world_action` reads only what evaluation, planning and fine-tuning need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jowa_data.config import config_from_dict, config_to_dict
+from jowa_data.errors import CheckpointError
+from jowa_data.io import atomic_torch_save, safe_torch_load
+from jowa_model.world_action import WorldActionConfig, WorldActionModel
+
+FORMAT = "jowa-world-action-v1"
+
+
+def model_state(model: WorldActionModel) -> dict[str, Any]:
+    """The part of a checkpoint that describes the model (config as a plain dict, weights)."""
+    return {"format": FORMAT, "model_config": config_to_dict(model.cfg), "model": model.state_dict()}
+
+
+def save_world_action(model: WorldActionModel, path: str | Path, **extra: Any) -> None:
+    """Atomic save of the model (and any extra plain/tensor entries)."""
+    atomic_torch_save(model_state(model) | extra, path)
+
+
+def load_world_action(path: str | Path, device: str = "cpu") -> tuple[WorldActionModel, dict[str, Any]]:
+    """(model in eval mode, the whole checkpoint dict). Errors name the file."""
+    ckpt = safe_torch_load(path, map_location=device)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a jowa world-action checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}, expected {FORMAT!r})")
+    cfg = config_from_dict(WorldActionConfig, ckpt["model_config"])
+    model = WorldActionModel(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the stored config: {e}") from e
+    return model.to(device).eval(), ckpt

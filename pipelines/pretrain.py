@@ -1,0 +1,456 @@
+"""Two-stage JOWA pretraining (paper sec. 4.3), streamed from token shards, single process or torchrun/DDP.
+
+Stage 1 (M1 steps) trains the world heads and the backbone on the world loss (Eq. 7); stage 2 (M2 steps)
+trains everything on the joint loss (Eq. 9). One run, one step counter: at step M1 the optimizer is rebuilt
+with the stage-2 learning rates (the official single-run path keeps the stage-1 world LR by an off-by-one,
+fact sheet §3; ours switches at exactly M1) and the Q head becomes trainable.
+
+DDP really averages gradients: the loss is computed inside the wrapped module's forward, so DDP's reducer
+sees every backward (the official code calls `ddp.module.compute_loss`, bypassing DDP's forward, so its
+ranks never synchronise, fact sheet §9.1). `data.batch_size` is GLOBAL: each of W ranks gets
+batch_size / W segments, and the averaged gradient equals that of one process on the whole batch.
+
+Resume is exact: rerunning the same command continues from the newest checkpoint in the run folder with
+the model, optimizer, target head, step, RNG and stream position it had; metrics rows after that step are
+dropped, so the curve continues as if never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from jowa_data.config import config_to_dict
+from jowa_data.errors import CheckpointError, ConfigError
+from jowa_data.io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
+from jowa_model.checkpoint import FORMAT, model_state
+from jowa_model.losses import LossConfig, compute_loss, term_counts
+from jowa_model.presets import model_preset
+from jowa_model.world_action import WorldActionConfig, WorldActionModel, action_masks_from_manifests
+from pipelines.dist import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
+
+# --------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class DataConfig:
+    dataset: str = ""  # built dataset folder (`jowa-data build --out`)
+    backend: str = "zarr"  # zarr | wds: which shards feed the token cache
+    batch_size: int = 512  # GLOBAL segments per optimizer step (Table 13); each rank gets batch_size / world
+    seq_len: int = 8  # L, steps per segment (Table 10)
+    stride: int = 4  # steps between segment starts within an episode (official tau = 4)
+    weights: str = "uniform"  # per-game sampling: uniform | proportional
+    eval_dataset: str = ""  # optional held-out dataset: accuracies vs unigram/majority baselines
+    eval_batches: int = 8  # batches of the held-out set per evaluation
+
+
+@dataclass
+class OptimConfig:
+    lr_stage1: float = 1e-4  # world LR in stage 1 (Table 13)
+    lr_stage2: float = 5e-5  # world LR in stage 2 (Table 13)
+    critic_lr: float = 5e-5  # Q-head LR (stage 2)
+    weight_decay: float = 0.01  # AdamW decay on Linear weights and the Q head
+    grad_clip: float = 1.0  # global grad-norm clip
+
+
+@dataclass
+class PretrainConfig:
+    model: WorldActionConfig = field(default_factory=WorldActionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage1_steps: int = 250_000  # M1 (paper sec. 4.3)
+    stage2_steps: int = 1_500_000  # M2
+    seed: int = 0  # model init and dropout; the stream has its own seed derived from it
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    log_every: int = 100  # steps between metric rows (one host sync each)
+    eval_every: int = 0  # steps between held-out evaluations (0: only at the end)
+    ckpt_every: int = 5000  # steps between checkpoints (and one at the end)
+    keep_ckpts: int = 3  # newest checkpoints kept
+    image_every: int = 0  # steps between imagined-rollout PNGs (needs `tokenizer`); 0: only at the end
+    tokenizer: str = ""  # tokenizer checkpoint used to decode imagined rollouts to pixels
+    manifests: tuple[str, ...] = ()  # manifest folders for the valid-action masks (empty: shipped manifests)
+
+    @property
+    def total_steps(self) -> int:
+        return self.stage1_steps + self.stage2_steps
+
+
+def train_preset(name: str) -> PretrainConfig:
+    """`tiny` (CPU demo/tests) or a paper size (`40M`, `70M`, `150M`: Tables 11-13)."""
+    if name == "tiny":
+        return PretrainConfig(model=model_preset("tiny"), data=DataConfig(batch_size=16),
+                              stage1_steps=200, stage2_steps=200, log_every=10, ckpt_every=100, eval_every=100,
+                              optim=OptimConfig(lr_stage1=1e-3, lr_stage2=5e-4, critic_lr=5e-4))
+    return PretrainConfig(model=model_preset(name))
+
+
+SHAPE_FIELDS = ("model", "data.seq_len", "data.batch_size", "data.stride", "data.weights", "data.backend",
+                "stage1_steps", "seed")
+
+
+def _get(d: dict, dotted: str) -> Any:
+    for k in dotted.split("."):
+        d = d[k]
+    return d
+
+
+# --------------------------------------------------------------------------------------------- pieces
+
+
+class LossModule(nn.Module):
+    """Wraps the model so the whole loss runs inside `forward`: this is what DDP must call.
+
+    Under DDP each term is rescaled by W * local_count / global_count (one small all-reduce of 5 counts), so
+    the averaged gradient is exactly that of one process on the whole global batch, even when ranks hold
+    different amounts of padding.
+    """
+
+    def __init__(self, model: WorldActionModel, loss_cfg: LossConfig, info: DistInfo | None = None):
+        super().__init__()
+        self.model, self.loss_cfg, self.info = model, loss_cfg, info or DistInfo()
+
+    def forward(self, batch: dict[str, torch.Tensor], stage: int):
+        scales = None
+        if self.info.distributed:
+            import torch.distributed as dist
+
+            local = term_counts(batch, self.model.cfg.obs_tokens)
+            glob = local.clone()
+            dist.all_reduce(glob)
+            scales = self.info.world_size * local / glob.clamp_min(1.0)
+        terms = compute_loss(self.model, batch, self.loss_cfg, stage, scales)
+        return terms.total, terms
+
+
+def set_stage(model: WorldActionModel, stage: int) -> None:
+    """Stage 1 freezes the Q head (it gets no loss); stage 2 trains it."""
+    model.head_q.requires_grad_(stage == 2)
+
+
+def make_optimizer(model: WorldActionModel, stage: int, cfg: OptimConfig) -> torch.optim.AdamW:
+    lr = cfg.lr_stage1 if stage == 1 else cfg.lr_stage2
+    groups = [g for g in model.param_groups(world_lr=lr, critic_lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
+              if g["params"]]
+    return torch.optim.AdamW(groups)
+
+
+def wrap(module: nn.Module, info: DistInfo) -> nn.Module:
+    if not info.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dev = [torch.device(info.device).index] if info.device.startswith("cuda") else None
+    return DDP(module, device_ids=dev)
+
+
+def autocast_ctx(device: str, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.startswith("cuda"))
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+    return torch.autocast(dev_type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def world_accuracy(model: WorldActionModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Correct/total counts of next-obs-token, reward-sign and termination predictions on real steps."""
+    h = model(batch["tokens"], batch["actions"], batch["task_ids"])  # (B, L, 37, D)
+    B, L, K1, D = h.shape
+    K = K1 - 1
+    mask = batch["mask_padding"]
+    h_obs = torch.cat([h[:, :, : K - 1], h[:, :, K:]], dim=2).reshape(B, L * K, D)[:, :-1]
+    labels = batch["tokens"].reshape(B, L * K)[:, 1:]
+    valid = mask.repeat_interleave(K, dim=1)[:, 1:]
+    tok_ok = (model.obs_logits(h_obs).argmax(-1) == labels) & valid
+    h_act = h[:, :, K]
+    rew_ok = (model.reward_logits(h_act).argmax(-1) == (torch.sign(batch["rewards"]) + 1).long()) & mask
+    end_ok = (model.end_logits(h_act).argmax(-1) == batch["ends"].long()) & mask
+    return {"tok_correct": tok_ok.sum(), "tok_total": valid.sum(), "rew_correct": rew_ok.sum(),
+            "end_correct": end_ok.sum(), "steps": mask.sum()}
+
+
+def heldout_eval(model: WorldActionModel, stream, n_batches: int, device: str, precision: str) -> dict[str, float]:
+    """Accuracies on held-out segments and the baselines they must beat: the most frequent obs token
+    (unigram) and the most frequent reward sign (majority), both counted on the same segments."""
+    was_training = model.training
+    model.eval()
+    tot: dict[str, float] = {}
+    tok_counts = np.zeros(model.cfg.obs_vocab, np.int64)
+    rew_counts = np.zeros(3, np.int64)
+    for i in range(min(n_batches, len(stream))):
+        b = to_device(stream.gather(stream.batch_ids(0, i)), device)
+        with autocast_ctx(device, precision):
+            c = world_accuracy(model, b)
+        for k, v in c.items():
+            tot[k] = tot.get(k, 0.0) + float(v)
+        m = b["mask_padding"].cpu().numpy()
+        tok_counts += np.bincount(b["tokens"].cpu().numpy()[m].ravel(), minlength=model.cfg.obs_vocab)
+        rew_counts += np.bincount((np.sign(b["rewards"].cpu().numpy()[m]) + 1).astype(int), minlength=3)
+    model.train(was_training)
+    if not tot:
+        return {}
+    steps = max(tot["steps"], 1.0)
+    return {"eval/token_acc": tot["tok_correct"] / max(tot["tok_total"], 1.0),
+            "eval/token_acc_unigram": tok_counts.max() / max(tok_counts.sum(), 1),
+            "eval/reward_acc": tot["rew_correct"] / steps,
+            "eval/reward_acc_majority": rew_counts.max() / max(rew_counts.sum(), 1),
+            "eval/end_acc": tot["end_correct"] / steps}
+
+
+@torch.no_grad()
+def imagined_rollout_png(model: WorldActionModel, tokenizer, batch: dict[str, torch.Tensor], path: Path,
+                         context: int = 4) -> Path | None:
+    """Real frames vs frames imagined from `context` real steps with the real actions, decoded to pixels."""
+    from jowa_model.planner import WorldModelImagination
+    from pipelines.viz import save_frame_grid
+
+    valid = batch["mask_padding"][0]
+    L = int(valid.sum())
+    if L <= context:
+        return None
+    was_training = model.training
+    imag = WorldModelImagination(model)
+    tok, act, task = batch["tokens"][:1, :L], batch["actions"][:1, :L], batch["task_ids"][:1]
+    state, _ = imag.start(tok[:, :context], act[:, : context - 1], task)
+    imagined = [tok[0, t] for t in range(context)]
+    for t in range(context, L):
+        state, out = imag.step(state, act[:, t - 1])
+        imagined.append(out.obs_tokens[0])
+    model.train(was_training)
+    real = tokenizer.decode(tok[0].cpu())
+    fake = tokenizer.decode(torch.stack(imagined).cpu())
+    return save_frame_grid([np.asarray(real), np.asarray(fake)], path,
+                           labels=["real", f"imagined (ctx {context})"])
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+class RunFiles:
+    """The run folder: config.json, metrics.jsonl, tb/, ckpt/step_XXXXXXXX.pt, images/."""
+
+    def __init__(self, out: str | Path):
+        self.root = Path(out)
+        self.ckpt_dir = self.root / "ckpt"
+        self.metrics = self.root / "metrics.jsonl"
+        self.images = self.root / "images"
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.ckpt_dir.glob("step_*.pt"))
+
+    def latest(self) -> Path | None:
+        c = self.checkpoints()
+        return c[-1] if c else None
+
+    def ckpt_path(self, step: int) -> Path:
+        return self.ckpt_dir / f"step_{step:08d}.pt"
+
+    def prune(self, keep: int) -> None:
+        for p in self.checkpoints()[:-keep] if keep > 0 else []:
+            p.unlink(missing_ok=True)
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop rows after `step` (written by a run that was killed after its last checkpoint)."""
+        if not self.metrics.exists():
+            return
+        keep = [ln for ln in self.metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        atomic_write_text(self.metrics, "".join(ln + "\n" for ln in keep))
+
+
+def _check_resume_config(saved: dict, now: dict, path: Path) -> None:
+    diff = [k for k in SHAPE_FIELDS if _get(saved, k) != _get(now, k)]
+    if diff:
+        raise ConfigError(f"{path}: cannot resume: these settings differ from the checkpoint's: {', '.join(diff)} "
+                          "(use a new --out folder, or the same settings)")
+
+
+def pretrain(cfg: PretrainConfig, out: str | Path, stop_after: int | None = None,
+             on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) in `out`. Launch with torchrun for several processes. Returns a summary dict.
+
+    `stop_after` ends the run early at that global step (after checkpointing), e.g. for tests.
+    """
+    if not cfg.data.dataset:
+        raise ConfigError("data.dataset is not set: give the folder written by `jowa-data build`")
+    info = init_distributed(cfg.device)
+    try:
+        return _pretrain(cfg, RunFiles(out), info, stop_after, on_step)
+    finally:
+        shutdown(info)
+
+
+def _pretrain(cfg: PretrainConfig, run: RunFiles, info: DistInfo, stop_after: int | None,
+              on_step: Callable[[int, dict], None] | None) -> dict[str, Any]:
+    from jowa_data.manifest import load_manifests
+    from jowa_data.stream import SegmentStream
+
+    if cfg.data.batch_size % info.world_size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the world size {info.world_size}")
+    per_rank = cfg.data.batch_size // info.world_size
+    cfg_dict = config_to_dict(cfg)
+    device = info.device
+
+    torch.manual_seed(cfg.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
+    model = WorldActionModel(cfg.model)
+    model.set_action_masks(action_masks_from_manifests(load_manifests(list(cfg.manifests) or None),
+                                                       cfg.model.num_tasks))
+    model.to(device)
+    torch.manual_seed(cfg.seed + 1000 * info.rank)  # dropout masks differ across ranks
+    stream = SegmentStream(cfg.data.dataset, batch_size=per_rank, seq_len=cfg.data.seq_len, seed=cfg.seed,
+                           rank=info.rank, world_size=info.world_size, backend=cfg.data.backend,
+                           stride=cfg.data.stride, weights=cfg.data.weights, progress=info.is_main)
+    if len(stream) == 0:
+        raise ConfigError(f"{cfg.data.dataset}: {stream.num_segments} segments are fewer than one global batch "
+                          f"of {cfg.data.batch_size}: lower data.batch_size")
+    eval_stream = None
+    if cfg.data.eval_dataset and info.is_main:
+        eval_stream = SegmentStream(cfg.data.eval_dataset, batch_size=per_rank, seq_len=cfg.data.seq_len,
+                                    seed=cfg.seed + 1, rank=0, world_size=1, backend=cfg.data.backend,
+                                    stride=cfg.data.seq_len)
+
+    step, opt_state = 0, None
+    latest = run.latest()
+    if latest is not None:
+        ckpt = safe_torch_load(latest)
+        if ckpt.get("format") != FORMAT or "train" not in ckpt:
+            raise CheckpointError(f"{latest}: not a jowa pretraining checkpoint")
+        _check_resume_config(json.loads(ckpt["train"]["config"]), cfg_dict, latest)
+        model.load_state_dict(ckpt["model"])
+        step = int(ckpt["train"]["step"])
+        stream.load_state_dict(ckpt["train"]["stream"])
+        torch.set_rng_state(ckpt["train"]["rng"][info.rank] if len(ckpt["train"]["rng"]) > info.rank
+                            else ckpt["train"]["rng"][0])
+        opt_state = ckpt["optimizer"]
+        if info.is_main:
+            run.truncate_metrics(step)
+    elif info.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.root / "config.json", cfg_dict)
+        run.truncate_metrics(-1)
+
+    tb = None
+    if info.is_main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(run.root / "tb"), purge_step=step)
+        except Exception:  # tensorboard missing: metrics.jsonl still has everything
+            tb = None
+
+    tokenizer = None
+    if cfg.tokenizer and info.is_main:
+        from jowa_model.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer)
+
+    def stage_of(s: int) -> int:
+        return 1 if s < cfg.stage1_steps else 2
+
+    stage = stage_of(step)
+    set_stage(model, stage)
+    opt = make_optimizer(model, stage, cfg.optim)
+    if opt_state is not None and len(opt_state["param_groups"]) == len(opt.param_groups):
+        opt.load_state_dict(opt_state)
+    ddp = wrap(LossModule(model, cfg.loss, info), info)
+    model.train()
+
+    def save(s: int) -> None:
+        rngs = [torch.get_rng_state()]
+        if info.distributed:  # every rank's dropout RNG, for an exact resume
+            import torch.distributed as dist
+
+            rngs = [None] * info.world_size
+            dist.all_gather_object(rngs, torch.get_rng_state())
+        if info.is_main:
+            ckpt = model_state(model) | {
+                "optimizer": opt.state_dict(),
+                "train": {"step": s, "stage": stage_of(s), "config": json.dumps(cfg_dict),
+                          "stream": stream.state_dict(), "rng": rngs}}
+            atomic_torch_save(ckpt, run.ckpt_path(s))
+            run.prune(cfg.keep_ckpts)
+        barrier(info)
+
+    def log(row: dict) -> None:
+        if not info.is_main:
+            return
+        with open(run.metrics, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        if tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    tb.add_scalar(k, v, row["step"])
+
+    def images(s: int) -> None:
+        if tokenizer is None:
+            return
+        src = eval_stream or stream
+        b = to_device(src.gather(src.batch_ids(0, 0)), device)
+        imagined_rollout_png(model, tokenizer, b, run.images / f"imagined_{s:08d}.png")
+
+    it = iter(stream)
+    t_last, tokens_since, summary = time.perf_counter(), 0, {}
+    end = cfg.total_steps if stop_after is None else min(stop_after, cfg.total_steps)
+    while step < end:
+        if stage_of(step) != stage:  # the stage switch: new LRs, fresh moments, Q head trainable
+            stage = stage_of(step)
+            set_stage(model, stage)
+            opt = make_optimizer(model, stage, cfg.optim)
+            ddp = wrap(LossModule(model, cfg.loss, info), info)
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(stream)
+            batch = next(it)
+        batch = to_device(batch, device)
+        with autocast_ctx(device, cfg.precision):
+            total, terms = ddp(batch, stage)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                               cfg.optim.grad_clip)
+        opt.step()
+        step += 1
+        model.step_target(step)
+        tokens_since += int(batch["tokens"].shape[0] * batch["tokens"].shape[1] * (cfg.model.obs_tokens + 1))
+
+        if step % cfg.log_every == 0 or step == end:
+            vals = torch.stack([terms.total.detach().float(), gnorm.float()])
+            vals = all_reduce_mean(vals, info).tolist()
+            row = {"step": step, "stage": stage, "train/loss": vals[0], "train/grad_norm": vals[1]}
+            row |= {k: float(v) for k, v in terms.to_dict().items()}
+            with torch.no_grad(), autocast_ctx(device, cfg.precision):
+                acc = world_accuracy(model, batch)
+            row["train/token_acc"] = float(acc["tok_correct"]) / max(float(acc["tok_total"]), 1.0)
+            row["train/reward_acc"] = float(acc["rew_correct"]) / max(float(acc["steps"]), 1.0)
+            row["train/end_acc"] = float(acc["end_correct"]) / max(float(acc["steps"]), 1.0)
+            dt = time.perf_counter() - t_last
+            row["perf/tokens_per_s"] = tokens_since * info.world_size / max(dt, 1e-9)
+            t_last, tokens_since = time.perf_counter(), 0
+            if eval_stream is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == end):
+                row |= heldout_eval(model, eval_stream, cfg.data.eval_batches, device, cfg.precision)
+            log(row)
+            summary = row
+            if on_step is not None:
+                on_step(step, row)
+        if (cfg.image_every and step % cfg.image_every == 0) or step == end:
+            if info.is_main:
+                images(step)
+        if step % cfg.ckpt_every == 0 or step == end:
+            save(step)
+    if tb is not None:
+        tb.close()
+    return {"step": step, "run": str(run.root), "last": summary,
+            "checkpoint": str(run.ckpt_path(step)) if info.is_main else None}
