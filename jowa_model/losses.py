@@ -196,11 +196,29 @@ def check_batch(batch: Mapping[str, torch.Tensor], model: WorldActionModel) -> N
         raise ValueError(f"batch['task_ids'] must be ({B},), got {tuple(batch['task_ids'].shape)}")
 
 
+def term_counts(batch: Mapping[str, torch.Tensor], obs_tokens: int) -> torch.Tensor:
+    """(5,) float counts of the items each masked mean divides by: obs labels, real steps (reward, end, CQL,
+    BC), TD targets. Used to turn per-rank means into one global mean under DDP (see `compute_loss`)."""
+    mask, dones = batch["mask_padding"], batch["ends"].bool()
+    steps = mask.sum()
+    obs = mask.repeat_interleave(obs_tokens, dim=1)[:, 1:].sum()
+    return torch.stack([obs, steps, td_targets_mask(mask, dones).sum(), steps, steps]).float()
+
+
+TERM_ORDER = ("obs", "steps", "td", "cql", "bc")  # rows of `term_counts`; reward and end use "steps"
+
+
 def compute_loss(model: WorldActionModel, batch: Mapping[str, torch.Tensor], cfg: LossConfig | None = None,
-                 stage: int = 2) -> LossTerms:
-    """Stage 1: L_world (Eq. 7). Stage 2: beta * L_world + L_action (Eq. 9). MTBC: the BC loss only."""
+                 stage: int = 2, scales: torch.Tensor | None = None) -> LossTerms:
+    """Stage 1: L_world (Eq. 7). Stage 2: beta * L_world + L_action (Eq. 9). MTBC: the BC loss only.
+
+    `scales` (5,) multiplies each masked-mean term in `total` (order `TERM_ORDER`). Under DDP with W ranks,
+    scales = W * local_count / global_count makes the gradient average equal to the gradient of ONE mean over
+    the global batch, whatever the padding on each rank. The logged terms stay local means.
+    """
     cfg = cfg or LossConfig()
     check_batch(batch, model)
+    s = scales if scales is not None else torch.ones(len(TERM_ORDER))
     h = model(batch["tokens"], batch["actions"], batch["task_ids"])  # (B, L, 37, D)
     zero = h.new_zeros((), dtype=torch.float32)
     obs = rew = end = td = cql = q_data = bc = zero
@@ -209,15 +227,15 @@ def compute_loss(model: WorldActionModel, batch: Mapping[str, torch.Tensor], cfg
         h_q = h_q.detach()
     if model.cfg.mtbc:
         bc = bc_loss(model, h_q, batch)
-        total = bc
+        total = s[4] * bc
     else:
         world_w = 1.0 if stage == 1 else cfg.world_weight
         total = zero
         if world_w:
             obs, rew, end = world_loss(model, h, batch)
-            total = world_w * (obs + rew + end)
+            total = world_w * (s[0] * obs + s[1] * (rew + end))
         if stage == 2:
             td, cql, q_data = action_loss(model, h_q, batch, cfg)
-            total = total + td + cql
+            total = total + s[2] * td + s[3] * cql
     d = lambda t: t.detach()  # noqa: E731
     return LossTerms(total, d(obs), d(rew), d(end), d(td), d(cql), d(q_data), d(bc))
