@@ -67,7 +67,7 @@ def build_cmd(games, replay_root, tokenizer, out, fmt, scheduler, workers, task_
     cfg = BuildConfig(formats=("zarr", "wds") if fmt == "both" else (fmt,), scheduler=scheduler, workers=workers,
                       task_transitions=task_transitions, encode_batch=encode_batch, device=device,
                       precision=precision, seed=seed, fraction=fraction, transitions=transitions, selection=sel,
-                      progress=True)
+                      progress=not as_json)
     summary = build_dataset(manifests, replay_root, tokenizer, out, cfg)
     if as_json:
         echo_json(summary)
