@@ -194,10 +194,11 @@ def derive_seeds(seed: int) -> tuple[int, np.random.Generator]:
 def record(manifest: GameManifest, out_root: str | os.PathLike, run: str | int = 1, steps: int = 1000,
            policy: str | Policy = "random", seed: int = 0, capacity: int = 1_000_000,
            max_episode_steps: int = 27_000, atari: AtariConfig | None = None, keep_frames: bool = True,
-           overwrite: bool = False, progress: bool = True) -> RecordResult:
+           overwrite: bool = False, progress: bool = True, compresslevel: int = 9) -> RecordResult:
     """Play `steps` agent steps of `manifest`'s game and write `<out_root>/<Game>/<run>/replay_logs`.
 
     `max_episode_steps` (Dopamine: 27000 agent steps = 108k frames) ends an episode with terminal=1.
+    `compresslevel` 9 is Dopamine's gzip default; 1 writes ~13x faster and files ~2x larger.
     """
     import time
 
@@ -225,7 +226,10 @@ def record(manifest: GameManifest, out_root: str | os.PathLike, run: str | int =
     starts, lengths = [0], []
 
     t0 = time.perf_counter()
-    logger = ReplayLogger(out_root, manifest.name, run, capacity=capacity, overwrite=overwrite)
+    if not 0 <= compresslevel <= 9:
+        raise ConfigError(f"compresslevel must be in [0, 9], got {compresslevel}")
+    logger = ReplayLogger(out_root, manifest.name, run, capacity=capacity, overwrite=overwrite,
+                          compresslevel=compresslevel)
     obs = env.reset()
     ep_len = 0
     bar = tqdm(total=steps, desc=f"record {manifest.name}/{run}", unit="step", file=sys.stderr,
