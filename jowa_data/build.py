@@ -156,11 +156,12 @@ def write_task(out: Path, spec: dict[str, Any], arrays: TaskArrays) -> dict[str,
         for rel in be.write_task(out, spec["game"], spec["key"], arrays):
             files[rel] = {"bytes": (out / rel).stat().st_size, "sha256": sha256_file(out / rel)}
     lengths = [e[3] for e in spec["episodes"]]
+    flat = arrays.tokens.ravel()  # ids >= vocab are not counted here; `jowa-data validate` reports them
     assert sum(lengths) == len(arrays), (sum(lengths), len(arrays))
     record = {
         "key": spec["key"], "game": spec["game"], "rows": len(arrays),
         "episode_offsets": np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int).tolist(),
-        "token_counts": np.bincount(arrays.tokens.ravel(), minlength=VOCAB_SIZE).tolist(),
+        "token_counts": np.bincount(flat[flat < VOCAB_SIZE], minlength=VOCAB_SIZE).tolist(),
         "files": files,
     }
     atomic_write_json(task_record_path(out, spec["key"]), record, indent=None)
