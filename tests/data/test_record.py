@@ -248,3 +248,17 @@ def test_cli_record(tmp_path, breakout_manifest_dir):
 
     res = runner.invoke(cli, ["record", "Pong", "--out", str(tmp_path / "x"), "--steps", "5", "--policy", "bogus"])
     assert res.exit_code == 1 and "unknown policy 'bogus'" in res.output
+
+
+def test_sticky_actions_follow_the_ale_seed():
+    def play(seed, sticky):
+        env = AtariEnv("pong", AtariConfig(sticky=sticky), seed=seed)
+        frames = [env.reset()]
+        for t in range(60):
+            frames.append(env.step(2 + t % 2)[0])  # RIGHT/LEFT alternating: every step may stick
+        return np.stack(frames)
+
+    a, b, c = play(1, 0.25), play(1, 0.25), play(2, 0.25)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)  # repeated actions differ with the seed
+    np.testing.assert_array_equal(play(1, 0.0), play(2, 0.0))  # no stickiness: the seed does not matter
