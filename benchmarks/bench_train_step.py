@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     cfg = model_preset(args.config)
     model = WorldActionModel(cfg).train()
-    opt = torch.optim.AdamW(model.param_groups(5e-5, 5e-5, 0.01), foreach=True)
+    opt = model.configure_optimizer(5e-5, 5e-5, 0.01)
     params = [p for g in opt.param_groups for p in g["params"]]
     loss_cfg = LossConfig()
     batch = make_batch(cfg, args.batch, args.steps, torch.Generator().manual_seed(0))

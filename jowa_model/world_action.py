@@ -130,6 +130,41 @@ class KVCache:
 # ---------------------------------------------------------------------------------------------- backbone
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout with a cheaper CPU mask: uint8 random_ + masked_fill is ~3x faster than bernoulli_ there
+    (measured: 16 vs 52 ms for 5.6M elements on the 2-core box). Exact keep-probability for p in steps of 1/200."""
+    if not training or p == 0.0:
+        return x
+    k = round(p * 200)
+    if x.device.type != "cpu" or abs(k - p * 200) > 1e-9:
+        return F.dropout(x, p, True)
+    drop = torch.empty(x.shape, dtype=torch.uint8, device=x.device).random_(0, 200) < k
+    return x.masked_fill(drop, 0.0) * (1.0 / (1.0 - p))
+
+
+class Dropout(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def _attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+    """Causal attention with dropout on the probabilities, for CPU training. CPU SDPA has no fused kernel with
+    dropout and falls back to a slow math path (268 vs 65 ms fwd+bwd per 40M layer at B=8, measured)."""
+    T = q.shape[-2]
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
+    att = att.masked_fill(future, float("-inf")).softmax(-1)
+    drop = torch.empty(att.shape, dtype=torch.uint8, device=q.device).random_(0, 200) < round(p * 200)
+    return (att.masked_fill(drop, 0.0) @ v) * (1.0 / (1.0 - p))  # (B, H, T, hd); 1/(1-p) folded after @ v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: WorldActionConfig):
         super().__init__()
@@ -137,13 +172,15 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)  # fused q, k, v
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
         self.attn_dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3x (B, H, T, hd)
         p = self.attn_dropout if self.training else 0.0
-        if kv is None:
+        if kv is None and p > 0 and x.device.type == "cpu" and abs(round(p * 200) - p * 200) < 1e-9:
+            y = _attention_with_dropout(q, k, v, p)
+        elif kv is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
             kc, vc = kv  # (B, H, max_tokens, hd) views into the cache
@@ -167,7 +204,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(d)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(cfg.dropout))
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), Dropout(cfg.dropout))
 
     def forward(self, x, kv=None, start: int = 0):
         x = x + self.attn(self.ln_1(x), kv, start)
@@ -193,7 +230,7 @@ class EnsembleQHead(nn.Module):
         self.biases = nn.ParameterList([nn.Parameter(torch.empty(num_q, o)) for _, o in shapes])
         self.ln_weights = nn.ParameterList([nn.Parameter(torch.ones(num_q, m)) for _ in range(2)])
         self.ln_biases = nn.ParameterList([nn.Parameter(torch.zeros(num_q, m)) for _ in range(2)])
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -230,7 +267,7 @@ class WorldActionModel(nn.Module):
         if cfg.use_task_embed:
             self.task_obs_emb = nn.Embedding(cfg.num_tasks, d)
             self.task_act_emb = nn.Embedding(cfg.num_tasks, d)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
         self.ln_f = nn.LayerNorm(d)
         if not cfg.mtbc:
@@ -391,6 +428,12 @@ class WorldActionModel(nn.Module):
         return [dict(params=decay, lr=world_lr, weight_decay=weight_decay),
                 dict(params=no_decay, lr=world_lr, weight_decay=0.0),
                 dict(params=critic, lr=critic_lr, weight_decay=weight_decay)]
+
+    def configure_optimizer(self, world_lr: float = 5e-5, critic_lr: float = 5e-5,
+                            weight_decay: float = 0.01) -> torch.optim.AdamW:
+        """AdamW over `param_groups` (default betas/eps, Table 13). The fused kernel is ~9x faster than the
+        foreach one on CPU for the 40M model (23 vs 203 ms per step, measured)."""
+        return torch.optim.AdamW(self.param_groups(world_lr, critic_lr, weight_decay), fused=True)
 
     def parameter_counts(self) -> dict[str, int]:
         """Per-part counts (official naming of official-anchors.md) + trainable total."""
