@@ -113,33 +113,40 @@ def build_cache(dataset_dir: str | Path, backend: str = "zarr", cache_dir: str |
     be = get_backend(backend)
     n = info.total_transitions
     tasks = [(g, k) for g in info.game_names for k in info.games[g]["tasks"]]
-    parts = []
     it = tasks
     if progress:
         from tqdm import tqdm
 
         it = tqdm(tasks, desc=f"decode {backend} -> cache", unit="task", leave=False)
-    # Rewards are exact small integers in DQN-Replay (clipped to -1/0/1): keep them as int8 when they are.
-    arrays = {"tokens": np.empty((n, TOKENS_PER_FRAME), np.uint16), "actions": np.empty(n, np.uint8),
-              "rewards": np.empty(n, np.float32), "terminals": np.empty(n, np.uint8)}
-    i = 0
-    for g, k in it:
-        a = be.read_task(d, g, k)
-        m = len(a)
-        if i + m > n:
-            raise DatasetError(f"{d}: task {k} makes the data longer than info.json's {n} transitions")
-        for f in CACHE_FIELDS:
-            arrays[f][i:i + m] = getattr(a, f)
-        parts.append(m)
-        i += m
-    if i != n:
-        raise DatasetError(f"{d}: the {backend} data holds {i} transitions, info.json says {n}")
-    r = arrays["rewards"]
-    if np.array_equal(r, np.round(r)) and (r.size == 0 or (r.min() >= -128 and r.max() <= 127)):
-        arrays["rewards"] = r.astype(np.int8)
-    for f in CACHE_FIELDS:
-        with atomic_path(cdir / f"{f}.npy", suffix=".npy") as tmp:
-            np.save(tmp, arrays[f], allow_pickle=False)
+    # Tokens/actions/terminals go straight into memory-mapped temp files (bounded RAM at paper scale);
+    # rewards (4 B/row) are kept in RAM to decide their dtype: exact small integers in DQN-Replay (clipped
+    # to -1/0/1) are stored as int8.
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        tmps = {f: stack.enter_context(atomic_path(cdir / f"{f}.npy", suffix=".npy")) for f in CACHE_FIELDS}
+        shapes = {"tokens": (n, TOKENS_PER_FRAME), "actions": (n,), "terminals": (n,)}
+        dtypes = {"tokens": np.uint16, "actions": np.uint8, "terminals": np.uint8}
+        mm = {f: np.lib.format.open_memmap(tmps[f], mode="w+", dtype=dtypes[f], shape=shapes[f]) for f in shapes}
+        rewards = np.empty(n, np.float32)
+        i = 0
+        for g, k in it:
+            a = be.read_task(d, g, k)
+            m = len(a)
+            if i + m > n:
+                raise DatasetError(f"{d}: task {k} makes the data longer than info.json's {n} transitions")
+            for f in shapes:
+                mm[f][i:i + m] = getattr(a, f)
+            rewards[i:i + m] = a.rewards
+            i += m
+        if i != n:
+            raise DatasetError(f"{d}: the {backend} data holds {i} transitions, info.json says {n}")
+        for f in shapes:
+            mm[f].flush()
+        del mm
+        if np.array_equal(rewards, np.round(rewards)) and (n == 0 or (rewards.min() >= -128 and rewards.max() <= 127)):
+            rewards = rewards.astype(np.int8)
+        np.save(tmps["rewards"], rewards, allow_pickle=False)
     atomic_write_json(cdir / "meta.json", {"cache_version": CACHE_VERSION, "plan_checksum": info.plan_checksum,
                                            "backend": backend, "transitions": n})
     return cdir
@@ -188,7 +195,7 @@ def segment_index(ep_start: np.ndarray, ep_length: np.ndarray, ep_game: np.ndarr
     k = np.arange(total, dtype=np.int64) - np.repeat(first, per_ep)
     starts = ep_start[ep_of_seg] + k * stride
     valid = np.minimum(seq_len, ep_length[ep_of_seg] - k * stride).astype(np.uint8)
-    return starts.astype(np.int64), valid, ep_game[ep_of_seg].astype(np.int64)
+    return starts.astype(np.int64), valid, ep_game[ep_of_seg].astype(np.int16)
 
 
 def game_weights(spec: str | dict[str, float], games: list[str], counts: np.ndarray) -> np.ndarray:
