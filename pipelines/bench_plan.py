@@ -88,13 +88,15 @@ def bench_plan(ckpt: str | Path | None = None, cfg: BenchPlanConfig | None = Non
     results: dict[str, Any] = {}
     ms: dict[str, float] = {}
     encode_ms: list[float] = []
+    cpu_ms: dict[str, float] = {}
     for name, pcfg in PLANNERS.items():
         if progress:
             progress(name)
         planner = Planner(world, pcfg)
-        times = []
+        times, cpu = [], []
         for i in range(cfg.warmup + cfg.reps):
             frame = torch.randint(0, 256, (1, 84, 84), dtype=torch.uint8, generator=gen)
+            c0 = time.process_time()
             t0 = time.perf_counter()
             if tokenizer is not None:
                 new = tokenizer.encode(frame, dtype=amp)  # (1, 36)
@@ -102,19 +104,25 @@ def bench_plan(ckpt: str | Path | None = None, cfg: BenchPlanConfig | None = Non
                 obs = torch.cat([obs[:, 1:], new[:, None]], 1)
             a = planner.plan(obs, acts, task, mask)
             t2 = time.perf_counter()
+            c2 = time.process_time()
             acts = torch.cat([acts[:, 1:], a[:, None].cpu()], 1)
             if i >= cfg.warmup:
                 times.append(t2 - t0)
+                cpu.append(c2 - c0)
                 if tokenizer is not None:
                     encode_ms.append((t1 - t0) * 1e3)
         med = statistics.median(times)
         ms[name] = med * 1e3
+        cpu_ms[name] = statistics.median(cpu) * 1e3
         results[name] = 1.0 / med
     official = OFFICIAL_40M[cfg.dtype]
     enc = statistics.median(encode_ms) if encode_ms else 0.0
     out: dict[str, Any] = dict(results)
     out["ms"] = ms
     out["encode_ms"] = enc
+    # CPU seconds of this process per decision (all threads): on a shared machine wall time inflates with the
+    # load, CPU time much less; with `threads` threads the idle-machine wall time is >= cpu_ms / threads.
+    out["cpu_ms"] = cpu_ms
     out["ratio_to_greedy"] = {k: results[k] / results["greedy"] for k in results}
     if cfg.preset == "40M" and ckpt is None:
         # like-for-like: both sides with the encode, or both without it (official minus their encode latency)

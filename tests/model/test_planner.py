@@ -284,3 +284,95 @@ def test_mcts_zero_simulations_is_greedy_and_count_mode():
     assert _mcts(TableWorld(toy_tables()), 0, horizon=2, num_simulations=0).action == 0
     res = _mcts(TableWorld(toy_tables()), 0, horizon=2, num_simulations=20, mcts_final="count")
     assert res.action == int(res.root_visits.argmax())
+
+
+# --------------------------------------------------------------------------- real model adapter
+
+def _tiny_model(never_done: bool):
+    from jowa_model.presets import model_preset
+    from jowa_model.world_action import WorldActionModel
+
+    torch.manual_seed(0)
+    m = WorldActionModel(model_preset("tiny"))
+    if never_done:  # random heads predict `done` often; this exercises deeper non-terminal paths too
+        with torch.no_grad():
+            m.head_end[-1].bias.copy_(torch.tensor([5.0, -5.0]))
+    return m
+
+
+def _real_ctx(n: int = 3, t: int = 8):
+    g = torch.Generator().manual_seed(1)
+    obs = torch.randint(0, 2048, (n, t, 36), generator=g)
+    act = torch.randint(0, 18, (n, t - 1), generator=g)
+    mask = torch.zeros(n, 18, dtype=torch.bool)
+    mask[:, :6] = True
+    mask[1, :] = True
+    return obs, act, torch.tensor([0, 13, 37])[:n], mask
+
+
+@pytest.mark.parametrize("never_done", [False, True])
+def test_real_model_cached_and_recompute_agree(never_done):
+    from jowa_model.planner import RecomputeImagination, WorldModelImagination
+
+    m = _tiny_model(never_done)
+    cached, ref = WorldModelImagination(m), RecomputeImagination(m)
+    obs, act, task, mask = _real_ctx()
+    # one imagined step: identical tokens/rewards/dones, same Q
+    (sa, qa), (sb, qb) = cached.start(obs[:, 2:], act[:, 2:], task), ref.start(obs[:, 2:], act[:, 2:], task)
+    torch.testing.assert_close(qa, qb, rtol=1e-5, atol=1e-5)
+    idx, acts = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 5, 17, 3])
+    _, oa = cached.step(cached.select(sa, idx), acts)
+    _, ob = ref.step(ref.select(sb, idx), acts)
+    assert torch.equal(oa.obs_tokens, ob.obs_tokens) and torch.equal(oa.rewards, ob.rewards)
+    assert torch.equal(oa.dones, ob.dones)
+    torch.testing.assert_close(oa.q, ob.q, rtol=1e-5, atol=1e-5)
+    # whole searches: same actions, paths and scores
+    for h, k in [(2, 3), (3, 2)]:
+        (sa, qa), (sb, qb) = cached.start(obs[:, -5:], act[:, -4:], task), ref.start(obs[:, -5:], act[:, -4:], task)
+        ra = beam_search(cached, sa, qa, mask, h, k, G)
+        rb = beam_search(ref, sb, qb, mask, h, k, G)
+        assert torch.equal(ra.actions, rb.actions) and torch.equal(ra.paths, rb.paths)
+        torch.testing.assert_close(ra.scores, rb.scores, rtol=1e-5, atol=1e-5)
+        assert ra.model_calls == rb.model_calls
+    for kind in ("greedy", "mcts"):
+        cfg = PlannerConfig(kind=kind, horizon=2, num_simulations=6)
+        assert torch.equal(Planner(cached, cfg).plan(obs, act, task, mask), Planner(ref, cfg).plan(obs, act, task, mask))
+
+
+def test_real_model_start_matches_full_forward_and_respects_masks():
+    from jowa_model.planner import WorldModelImagination
+
+    m = _tiny_model(False)
+    world = WorldModelImagination(m)
+    obs, act, task, mask = _real_ctx()
+    _, q = world.start(obs, act, task)
+    with torch.no_grad():
+        h = m(obs, torch.cat([act, torch.zeros(3, 1, dtype=torch.long)], 1), task)  # (B, L, 37, D)
+        expect = m.q_values(h[:, -1, 35])
+    torch.testing.assert_close(q, expect, rtol=1e-5, atol=1e-5)
+    for cfg in (PlannerConfig(kind="beam", horizon=2, beam_width=4), PlannerConfig(kind="mcts", num_simulations=8)):
+        out = Planner(world, cfg).plan(obs, act, task, mask)
+        assert mask[torch.arange(3), out].all()
+
+
+# --------------------------------------------------------------------------- `jowa bench plan`
+
+def test_bench_plan_cli_json_and_errors():
+    import json
+
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    r = CliRunner().invoke(main, ["bench", "plan", "--config", "tiny", "--reps", "1", "--warmup", "0",
+                                  "--no-encode", "--threads", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    for k in ("greedy", "beam_k2", "beam_k3", "beam_k4", "mcts"):
+        assert isinstance(res[k], float) and res[k] > 0
+        assert res["ratio_to_greedy"][k] == pytest.approx(res[k] / res["greedy"])
+    assert res["settings"]["valid_actions"] == 8 and res["settings"]["game"] == "Phoenix"
+    bad = CliRunner().invoke(main, ["bench", "plan", "--config", "41M", "--json"])
+    assert bad.exit_code == 1 and "unknown model preset '41M'" in bad.output
+    bad = CliRunner().invoke(main, ["bench", "plan", "--config", "tiny", "--game", "NoSuchGame"])
+    assert bad.exit_code == 1 and "NoSuchGame" in bad.output
