@@ -147,7 +147,8 @@ def main() -> None:
         for r in results:
             print(f"{r['mode']:9s} {r['decoder']:10s} {r['frames_per_s']:>10,d} {r['MB_per_s_decompressed']:>7d} "
                   f"{r['peak_rss_MB']:>12d}")
-        print(f"all decoders agree (per mode): {agree}; peak RSS < 1 GB: {all(r['peak_rss_MB'] < 1024 for r in results)}")
+        ok_rss = all(r["peak_rss_MB"] < 1024 for r in results)
+        print(f"all decoders agree (per mode): {agree}; peak RSS < 1 GB: {ok_rss}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ DECODERS = ("isal", "rapidgzip", "gzip")
 # Measured order on the 2-core dev machine (benchmarks/bench_replay.py, 1M rows): isal (single thread)
 # beats rapidgzip with 1-2 threads and stdlib gzip. See the module docstring of the benchmark.
 AUTO_ORDER = ("isal", "gzip")
+RAPIDGZIP_CHUNK = 512 * 1024  # bytes of compressed input per rapidgzip chunk (bounds its cache)
 
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, RuntimeError, zlib.error)
 try:  # isal raises its own error type for corrupt deflate data
@@ -62,7 +63,9 @@ def wrap_gz(raw: IO[bytes] | str, decoder: str = "auto", threads: int = 1) -> IO
     if decoder == "rapidgzip":
         import rapidgzip
 
-        return rapidgzip.open(raw, parallelization=threads)
+        # Small chunks bound its decoded-chunk cache: with the default 4 MiB (compressed) chunks, a 1M-row
+        # observation file peaked at 1.3 GB RSS (benchmarks/bench_replay.py); 512 KiB stays well under 1 GB.
+        return rapidgzip.RapidgzipFile(raw, parallelization=threads, chunk_size=RAPIDGZIP_CHUNK)
     return gzip.open(raw, "rb") if isinstance(raw, str) else gzip.GzipFile(fileobj=raw, mode="rb")
 
 

@@ -584,7 +584,8 @@ def _episode_jobs(logs: _Loc, refs: Sequence[EpisodeRef], infos: dict[int, _Ckpt
                 jobs.setdefault(ckpt, []).append((flo, fhi, idx, off + o))
             off += vhi - vlo
         if off != ref.length:
-            raise ValueError(f"EpisodeRef {ref.game}/{ref.run}#{ref.episode}: spans cover {off} rows, length {ref.length}")
+            raise ValueError(f"EpisodeRef {ref.game}/{ref.run}#{ref.episode}: spans cover {off} rows, "
+                             f"length {ref.length}")
     return jobs
 
 
