@@ -118,6 +118,26 @@ class FinetuneConfig:
 SHAPE_FIELDS = ("game", "data", "imagine", "seed", "loss")  # must match to resume
 
 
+def validate_config(cfg: FinetuneConfig, model_steps: int | None = None) -> None:
+    """Clear errors for settings that cannot work (before any data is read or built)."""
+    if not cfg.game:
+        raise ConfigError("game is not set: give the manifest name of the game to fine-tune on")
+    if not cfg.tokenizer:
+        raise ConfigError("tokenizer is not set: give the frozen tokenizer the dataset was built with")
+    if cfg.steps < 1 or cfg.data.batch_size < 1 or cfg.log_every < 1 or cfg.ckpt_every < 1:
+        raise ConfigError("steps, data.batch_size, log_every and ckpt_every must be >= 1")
+    if cfg.data.seq_len < 1 or (model_steps is not None and cfg.data.seq_len > model_steps):
+        raise ConfigError(f"data.seq_len must be in [1, {model_steps}] (the model's window), got {cfg.data.seq_len}")
+    if cfg.imagine.enabled and not (1 <= cfg.imagine.horizon < cfg.data.seq_len and cfg.imagine.beam_width >= 1
+                                    and cfg.imagine.batch_size >= 1):
+        raise ConfigError(f"imagine: need 1 <= horizon < data.seq_len ({cfg.data.seq_len}), beam_width >= 1 and "
+                          f"batch_size >= 1, got {cfg.imagine.horizon}, {cfg.imagine.beam_width}, "
+                          f"{cfg.imagine.batch_size}")
+    if cfg.eval.episodes < 1 or cfg.eval.every < 0 or cfg.eval.planner not in ("beam", "greedy"):
+        raise ConfigError(f"eval: need episodes >= 1, every >= 0 and planner beam|greedy, got {cfg.eval.episodes}, "
+                          f"{cfg.eval.every}, {cfg.eval.planner!r}")
+
+
 def finetune_preset(name: str = "paper") -> FinetuneConfig:
     """`paper` (defaults above) or `tiny` (CPU smoke runs: imagination from step 0, short evaluations)."""
     if name == "paper":
@@ -434,10 +454,7 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Path, stop_
     from jowa_data.stream import SegmentStream
     from jowa_model.tokenizer import load_tokenizer
 
-    if not cfg.game:
-        raise ConfigError("game is not set: give the manifest name of the game to fine-tune on")
-    if not cfg.tokenizer:
-        raise ConfigError("tokenizer is not set: give the frozen tokenizer the dataset was built with")
+    validate_config(cfg)  # the window is checked against the loaded model below
     manifest = load_manifests(list(cfg.manifests) or None).get(cfg.game)
     run = RunFiles(out)
     run.root.mkdir(parents=True, exist_ok=True)
@@ -454,6 +471,7 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Path, stop_
     imag_dtype = torch.bfloat16 if use_bf16 else None
     torch.manual_seed(cfg.seed)
     model = load_pretrained(checkpoint, manifest, device)
+    validate_config(cfg, model.cfg.max_steps)
     tokenizer = load_tokenizer(cfg.tokenizer, map_location=device)
     tokenizer.requires_grad_(False)
     if tokenizer.cfg.vocab_size > model.cfg.obs_vocab:
@@ -489,6 +507,8 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Path, stop_
         if sampler is not None and st.get("sampler"):
             sampler.load_state_dict(st["sampler"])
         torch.set_rng_state(st["rng"])
+        if st.get("cuda_rng") is not None and device.startswith("cuda"):
+            torch.cuda.set_rng_state(st["cuda_rng"], device)
         run.truncate_metrics(step)
     else:
         atomic_write_json(run.root / "config.json", cfg_dict)
@@ -518,6 +538,7 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Path, stop_
     def save(s: int) -> None:
         st = {"step": s, "config": json.dumps(cfg_dict), "stream": stream.state_dict(),
               "sampler": sampler.state_dict() if sampler is not None else None, "rng": torch.get_rng_state(),
+              "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None,
               "evals": evals, "imagined_total": imagined_total}
         from jowa_data.io import atomic_torch_save
 
