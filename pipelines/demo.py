@@ -1,0 +1,199 @@
+"""The main job on a small built-in default: every stage of jowa, end to end, on this machine's CPU.
+
+record real Atari data (ale-py) → subsample → stats → train the tokenizer → build token shards →
+pretrain a tiny world-action model (stage 1 + stage 2) → evaluate greedy and with planning on the real
+emulator → fine-tune on a game the pretraining never saw → one summary (printed + summary.json) and the
+pictures (reconstructions, imagined rollout, training curves, game GIF) in one folder.
+
+Each stage calls the same library function as its CLI command, writes into its own sub-folder, and is
+skipped when its output is already complete, so rerunning `jowa demo` after an interruption resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from jowa_data.config import config_to_dict
+from jowa_data.io import atomic_write_json
+
+
+@dataclass
+class DemoConfig:
+    games: tuple[str, ...] = ("Phoenix", "SpaceInvaders")  # pretraining games (paper's pretraining split)
+    finetune_game: str = "Pong"  # a held-out game (paper appendix D), never seen in pretraining
+    record_steps: int = 6000  # agent steps recorded per pretraining game (run 1)
+    heldout_steps: int = 1500  # agent steps of run 2 per game: held-out segments for the accuracy check
+    finetune_steps_recorded: int = 4000  # agent steps recorded for the fine-tuning game
+    capacity: int = 2000  # rows per DQN-Replay checkpoint file (real data: 1,000,000)
+    max_episode_steps: int = 1500  # step cap per recorded episode (Dopamine: 27,000)
+    policy: str = "random"  # behaviour policy of the recording (random | epsilon:E[:inner] | module:function)
+    tokenizer_steps: int = 600  # tiny tokenizer training steps
+    pretrain_stage1: int = 300  # world-loss steps (M1)
+    pretrain_stage2: int = 300  # joint-loss steps (M2)
+    batch_size: int = 16  # segments per step
+    eval_episodes: int = 2  # episodes per game and planner setting
+    eval_max_frames: int = 6000  # frame cap per evaluation episode (paper: 108,000)
+    finetune_steps: int = 150  # fine-tuning steps (paper: 50,000)
+    seed: int = 0
+
+
+@dataclass
+class Stage:
+    name: str
+    fn: Callable[[], dict[str, Any]]
+
+
+def _timed(name: str, fn: Callable[[], dict[str, Any]], console) -> dict[str, Any]:
+    console.rule(f"[bold]{name}")
+    t = time.perf_counter()
+    out = fn() or {}
+    out["seconds"] = round(time.perf_counter() - t, 1)
+    console.print(f"[green]{name}[/] done in {out['seconds']} s")
+    return out
+
+
+def run_demo(out: str | Path, cfg: DemoConfig | None = None, console=None) -> dict[str, Any]:
+    """Run every stage into `out`; return (and write) the summary."""
+    from rich.console import Console
+
+    cfg = cfg or DemoConfig()
+    console = console or Console(stderr=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pics = out / "pictures"
+    pics.mkdir(exist_ok=True)
+    summary: dict[str, Any] = {"config": config_to_dict(cfg)}
+    t0 = time.perf_counter()
+
+    from jowa_data.manifest import load_manifests
+
+    reg = load_manifests()
+    games = [reg.get(g) for g in cfg.games]
+    replay = out / "replay"
+    ft_game = reg.get(cfg.finetune_game)
+
+    def record_stage() -> dict[str, Any]:
+        from jowa_data.record import record
+
+        res = {}
+        todo = [(m, "1", cfg.record_steps) for m in games] + [(m, "2", cfg.heldout_steps) for m in games]
+        todo.append((ft_game, "1", cfg.finetune_steps_recorded))
+        for i, (m, run, steps) in enumerate(todo):
+            done = replay / m.name / run / ".complete"
+            if not done.exists():
+                shutil.rmtree(replay / m.name / run, ignore_errors=True)
+                r = record(m, replay, run, steps, policy=cfg.policy, seed=cfg.seed + i, capacity=cfg.capacity,
+                           max_episode_steps=cfg.max_episode_steps, keep_frames=False, progress=False)
+                done.write_text(json.dumps({"steps": steps}))
+            res[f"{m.name}/{run}"] = steps
+        return {"recorded_steps": res}
+
+    def stats_stage() -> dict[str, Any]:
+        from jowa_data.stats import replay_stats
+
+        st = replay_stats(replay, reg)
+        atomic_write_json(out / "replay_stats.json", st)
+        per_game = {g: {"episodes": v.get("episodes"), "transitions": v.get("transitions"),
+                        "return_mean": (v.get("return") or {}).get("mean")}
+                    for g, v in (st.get("games") or {}).items()}
+        return {"replay": per_game}
+
+    def index_stage() -> dict[str, Any]:
+        from jowa_data.subsample import SubsampleOptions, build_index, write_index
+
+        sel = SubsampleOptions(runs=(1,), checkpoints=(0, 50), fraction=1.0, seed=cfg.seed)
+        idx = build_index(games, replay, options=sel)
+        write_index(idx, out / "index.parquet")
+        return {"index_episodes": idx.num_rows}
+
+    def tokenizer_stage() -> dict[str, Any]:
+        from jowa_data.config import apply_overrides
+        from pipelines.train_tokenizer import train_preset as tok_preset, train_tokenizer
+
+        tcfg = apply_overrides(tok_preset("tiny"), {"steps": cfg.tokenizer_steps, "seed": cfg.seed,
+                                                    "image_every": 0, "ckpt_every": cfg.tokenizer_steps})
+        res = train_tokenizer(tcfg, out / "tokenizer", index=out / "index.parquet", replay_root=replay,
+                              resume=(out / "tokenizer" / "checkpoint.pt").exists(), progress=True)
+        png = res.get("png") or res.get("last_png")
+        if png:
+            shutil.copy(png, pics / "reconstructions.png")
+        keep = {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
+        first, last = res.get("first") or {}, res.get("last") or {}
+        keep["recon_l1_first"], keep["recon_l1_last"] = first.get("l1"), last.get("l1")
+        keep["perplexity_first"], keep["perplexity_last"] = first.get("perplexity"), last.get("perplexity")
+        return keep
+
+    def tokenizer_path() -> Path:
+        return out / "tokenizer" / "tokenizer.pt"
+
+    def build_stage() -> dict[str, Any]:
+        from jowa_data.build import BuildConfig, build_dataset
+        from jowa_data.subsample import SubsampleOptions
+
+        res = {}
+        for name, run in (("dataset", 1), ("heldout", 2)):
+            sel = SubsampleOptions(runs=(run,), checkpoints=(0, 50), fraction=1.0, seed=cfg.seed)
+            r = build_dataset(games, replay, tokenizer_path(), out / name,
+                              BuildConfig(formats=("zarr", "wds") if name == "dataset" else ("zarr",),
+                                          selection=sel, workers=1, progress=True))
+            res[name] = {k: r[k] for k in ("status", "tasks", "frames_per_s") if k in r}
+        from jowa_data.build import dataset_stats
+
+        st = dataset_stats(out / "dataset")
+        res["transitions"], res["episodes"] = st["total_transitions"], st["total_episodes"]
+        res["bytes_per_frame"] = {f: round(v["bytes_per_frame"], 1) for f, v in st["storage"].items()}
+        res["codebook"] = {g: {"unique_tokens": v["unique_tokens"], "perplexity": round(v["perplexity"], 1)}
+                           for g, v in st["games"].items()}
+        return res
+
+    def pretrain_stage() -> dict[str, Any]:
+        from jowa_data.config import apply_overrides
+        from pipelines.pretrain import pretrain, train_preset
+        from pipelines.viz import plot_curves, read_metrics
+
+        pcfg = apply_overrides(train_preset("tiny"), {
+            "data": {"dataset": str(out / "dataset"), "eval_dataset": str(out / "heldout"),
+                     "batch_size": cfg.batch_size},
+            "stage1_steps": cfg.pretrain_stage1, "stage2_steps": cfg.pretrain_stage2, "seed": cfg.seed,
+            "tokenizer": str(tokenizer_path()), "ckpt_every": 100, "eval_every": 100, "log_every": 10})
+        res = pretrain(pcfg, out / "pretrain")
+        rows = read_metrics(out / "pretrain" / "metrics.jsonl")
+        plot_curves(rows, ["train/loss_obs", "train/loss_reward", "train/loss_td", "train/loss_cql",
+                           "train/token_acc", "eval/token_acc"], pics / "training_curves.png",
+                    title="pretraining (stage 1 | stage 2)")
+        imgs = sorted((out / "pretrain" / "images").glob("imagined_*.png"))
+        if imgs:
+            shutil.copy(imgs[-1], pics / "imagined_rollout.png")
+        last = res["last"]
+        return {"checkpoint": res["checkpoint"], "steps": res["step"],
+                **{k: round(v, 4) for k, v in last.items() if isinstance(v, float)}}
+
+    stages = [Stage("record", record_stage), Stage("stats", stats_stage), Stage("subsample", index_stage),
+              Stage("tokenizer", tokenizer_stage), Stage("build", build_stage), Stage("pretrain", pretrain_stage)]
+    for st in stages:
+        summary[st.name] = _timed(st.name, st.fn, console)
+    summary["total_seconds"] = round(time.perf_counter() - t0, 1)
+    summary["pictures"] = sorted(str(p.relative_to(out)) for p in pics.iterdir())
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def render_summary(summary: dict[str, Any], console) -> None:
+    """The summary people read: one table per stage."""
+    from rich.table import Table
+
+    t = Table(title="jowa demo summary", show_lines=False)
+    t.add_column("stage")
+    t.add_column("result")
+    for name, val in summary.items():
+        if name in ("config",):
+            continue
+        text = json.dumps(val, sort_keys=True, default=str) if not isinstance(val, str) else val
+        t.add_row(name, text if len(text) < 400 else text[:400] + " …")
+    console.print(t)
