@@ -130,16 +130,22 @@ class KVCache:
 # ---------------------------------------------------------------------------------------------- backbone
 
 
+def drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
+    """Bool mask, True with probability p (to 1/65536): each 64-bit random draw gives four 16-bit lanes.
+    ~5x cheaper than bernoulli_ on CPU, where RNG calls dominate dropout (9.6 vs 52 ms for 5.6M, measured)."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2 ** 63), None)
+    lanes = words.view(torch.int16)[:n]  # uniform over [-32768, 32767]
+    return (lanes < round(p * 65536) - 32768).view(shape)
+
+
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout with a cheaper CPU mask: uint8 random_ + masked_fill is ~3x faster than bernoulli_ there
-    (measured: 16 vs 52 ms for 5.6M elements on the 2-core box). Exact keep-probability for p in steps of 1/200."""
+    """F.dropout, with the cheaper `drop_mask` on CPU (elsewhere the native kernel is already fast)."""
     if not training or p == 0.0:
         return x
-    k = round(p * 200)
-    if x.device.type != "cpu" or abs(k - p * 200) > 1e-9:
+    if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    drop = torch.empty(x.shape, dtype=torch.uint8, device=x.device).random_(0, 200) < k
-    return x.masked_fill(drop, 0.0) * (1.0 / (1.0 - p))
+    return x.masked_fill(drop_mask(x.shape, p, x.device), 0.0) * (1.0 / (1.0 - p))
 
 
 class Dropout(nn.Module):
@@ -157,12 +163,12 @@ class Dropout(nn.Module):
 def _attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
     """Causal attention with dropout on the probabilities, for CPU training. CPU SDPA has no fused kernel with
     dropout and falls back to a slow math path (268 vs 65 ms fwd+bwd per 40M layer at B=8, measured)."""
-    T = q.shape[-2]
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
-    att = att.masked_fill(future, float("-inf")).softmax(-1)
-    drop = torch.empty(att.shape, dtype=torch.uint8, device=q.device).random_(0, 200) < round(p * 200)
-    return (att.masked_fill(drop, 0.0) @ v) * (1.0 / (1.0 - p))  # (B, H, T, hd); 1/(1-p) folded after @ v
+    B, H, T, hd = q.shape
+    causal = torch.full((T, T), float("-inf"), device=q.device).triu_(1)  # additive mask, fused into the matmul
+    att = torch.baddbmm(causal, q.reshape(B * H, T, hd), k.reshape(B * H, T, hd).transpose(1, 2),
+                        alpha=1.0 / math.sqrt(hd)).softmax(-1)  # (B*H, T, T)
+    att = att.masked_fill(drop_mask(att.shape, p, q.device), 0.0)
+    return (att @ v.reshape(B * H, T, hd)).view(B, H, T, hd) * (1.0 / (1.0 - p))  # 1/(1-p) folded after @ v
 
 
 class CausalSelfAttention(nn.Module):
@@ -178,7 +184,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3x (B, H, T, hd)
         p = self.attn_dropout if self.training else 0.0
-        if kv is None and p > 0 and x.device.type == "cpu" and abs(round(p * 200) - p * 200) < 1e-9:
+        if kv is None and p > 0 and x.device.type == "cpu":
             y = _attention_with_dropout(q, k, v, p)
         elif kv is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)

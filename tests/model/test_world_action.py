@@ -264,3 +264,16 @@ def test_cli_model_info_unknown_preset():
     assert r.exit_code == 1
     assert "unknown model preset '41M'" in r.output and "40M" in r.output
     assert set(PRESETS) == {"tiny", "40M", "70M", "150M"}
+
+
+def test_cpu_training_attention_equals_sdpa_without_drops():
+    """The CPU dropout-attention path is plain causal attention when nothing is dropped."""
+    from jowa_model.world_action import _attention_with_dropout
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 8) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(_attention_with_dropout(q, k, v, 1e-9), ref, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(1)
+    y = _attention_with_dropout(q, k, v, 0.5)
+    assert not torch.allclose(y, ref)  # some probabilities were dropped
