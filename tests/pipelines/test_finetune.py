@@ -216,3 +216,25 @@ def test_cli(pretrained, breakout, breakout_manifest_dir, built_dataset, tmp_pat
     r = CliRunner().invoke(main, ["finetune", str(pretrained), "--game", "Nope", "--tokenizer",
                                   str(built_dataset.tokenizer), "--data", str(ds), "--out", str(tmp_path / "y")])
     assert r.exit_code == 1 and "Nope" in r.output
+
+
+def test_cli_builds_the_small_set_from_replay(pretrained, breakout, breakout_manifest_dir, built_dataset, tmp_path):
+    """--replay: the 5k-style set (here 120 transitions of checkpoints 1-2) is built into OUT/data, then used."""
+    from pipelines.cli import main
+
+    _, ds = breakout
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["finetune", str(pretrained), "--game", "Breakout", "--tokenizer",
+                                  str(built_dataset.tokenizer), "--manifests", str(breakout_manifest_dir),
+                                  "--replay", str(ds.parent / "replay"), "--out", str(out), "--preset", "tiny",
+                                  "--steps", "1", "--no-imagine", "--world-weight", "0.25",
+                                  "--set", "data.checkpoints=[1, 2]", "--set", "data.transitions=120",
+                                  "--set", "data.batch_size=4", "--set", "eval.episodes=1",
+                                  "--set", "eval.max_frames=20"], prog_name="jowa", catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "best: step 1" in r.output and "0 imagined segments" in r.output
+    built = json.loads((out / "data" / "info.json").read_text())
+    assert built["games"] == json.loads((ds / "info.json").read_text())["games"]  # same selection, same episodes
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["loss"]["world_weight"] == 0.25 and saved["imagine"]["enabled"] is False
+    assert saved["data"]["checkpoints"] == [1, 2]
