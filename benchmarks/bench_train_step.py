@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -69,27 +70,33 @@ def main(argv: list[str] | None = None) -> dict:
         opt.step()
         model.step_target(i)
 
-    times = []
+    times, cpu = [], []
+    load_before = os.getloadavg()[0]
     for i in range(args.warmup + args.reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(i + 1)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         print(f"step {i + 1}: {1000 * (time.perf_counter() - t0):.0f} ms", file=sys.stderr)
     ms = 1000 * statistics.median(times)
     tokens = args.batch * args.steps * cfg.block_size
     out = dict(config=args.config, batch=args.batch, steps=args.steps, bf16=args.bf16, threads=args.threads,
                ms_per_step=round(ms, 1), tokens_per_s=round(tokens / ms * 1000, 1),
                segments_per_s=round(args.batch / ms * 1000, 2), reps=args.reps,
+               min_ms_per_step=round(1000 * min(times), 1),
+               cpu_ms_per_step=round(1000 * statistics.median(cpu), 1),  # process CPU time, all threads
+               load_avg=[round(load_before, 2), round(os.getloadavg()[0], 2)],  # 1-min load before/after
                trainable_params=model.parameter_counts()["trainable"])
     if args.config == "40M" and args.bf16 and args.batch == 8 and args.steps == 8:
         out["speedup_vs_official"] = round(out["tokens_per_s"] / OFFICIAL_40M_BF16_TOK_S, 2)
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{args.config} B={args.batch} L={args.steps} bf16={args.bf16}: {ms:.1f} ms/step, "
-              f"{out['tokens_per_s']:.0f} tokens/s" + (f" ({out['speedup_vs_official']}x official 2,522 tok/s)"
-                                                       if "speedup_vs_official" in out else ""))
+        print(f"{args.config} B={args.batch} L={args.steps} bf16={args.bf16}: {ms:.1f} ms/step (median; min "
+              f"{out['min_ms_per_step']:.0f}), {out['tokens_per_s']:.0f} tokens/s"
+              + (f" ({out['speedup_vs_official']}x official 2,522 tok/s)" if "speedup_vs_official" in out else "")
+              + f"; CPU {out['cpu_ms_per_step']:.0f} ms/step; load {out['load_avg'][0]} -> {out['load_avg'][1]}")
     return out
 
 

