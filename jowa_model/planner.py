@@ -4,7 +4,8 @@ The planner never sees the transformer. It talks to an `ImaginationModel` (a sma
 `start` runs the context once and returns the root critic, `step` imagines one step for a whole batch of
 beams (action token + 36 greedy obs tokens: reward sign, termination, next-obs tokens, critic of the new
 state), `select` gathers/duplicates rows of a batch state (KV caches are indexed, never deep-copied).
-`jowa_model.imagination.CachedImagination` implements it over `WorldActionModel` with a KV cache.
+`WorldModelImagination` (below) implements it over `WorldActionModel` with its KV cache;
+`RecomputeImagination` is the uncached reference (whole window re-run per token) used by the tests.
 
 Beam search (Eq. 11). Every beam proposes its top-K valid actions by Q̂; ALL children of one depth are
 imagined in ONE batched `step`; a child's score is
@@ -21,7 +22,11 @@ MCTS follows the official MuZero-style pUCT (pb_c_base 19652, pb_c_init 1.25, pr
 min-max normalised r + γV for visited children, 0 for unvisited ones, leaf value max Q̂, depth cap
 max(1, H-1)). Because imagination is greedy (deterministic), a (node, action) child is imagined once and
 memoised; with `mcts_expand_all` all valid children of a node are imagined in one batched step the first
-time any of them is needed. Both give the same tree as the official one-child-per-simulation loop.
+time any of them is needed. Both build the same tree (tested) and the same statistics as the official
+one-child-per-simulation loop, except for three documented changes: UCB ties go to the larger prior then
+the lower action id (official: the larger action id), a predicted terminal is absorbing (official: ignored),
+and the final "most valuable child" is argmax r + γV over visited valid children (official: argmax V over
+all 18 children, which can return an invalid, unvisited action with V = 0 when every visited V < 0).
 """
 
 from __future__ import annotations
