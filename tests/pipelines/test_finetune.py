@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -113,7 +112,8 @@ def test_imagined_segments_keep_tokens_and_mask_the_dummy(pretrained, breakout):
     out = imagine_segments(model, ctx, horizon=2, beam_width=2)
     n = ctx["tokens"].shape[0]
     assert out["tokens"].shape == (n, 8, 36) and out["actions"].shape == (n, 8)
-    assert torch.equal(out["tokens"][:, :6], ctx["tokens"]) and torch.equal(out["actions"][:, :5], ctx["actions"][:, :5])
+    assert torch.equal(out["tokens"][:, :6], ctx["tokens"])
+    assert torch.equal(out["actions"][:, :5], ctx["actions"][:, :5])
     assert torch.equal(out["actions"][:, 5], out["root_actions"])  # the planner's root action
     assert torch.equal(out["actions"][:, 7], out["actions"][:, 6])  # dummy = copy of a_2
     assert set(out["actions"][:, 5:].flatten().tolist()) <= BREAKOUT_FULL_IDS
@@ -173,7 +173,8 @@ def test_resume_is_exact(pretrained, breakout, breakout_manifest_dir, built_data
                    eval={"every": 0, "episodes": 1, "max_frames": 20})
     full = finetune(cfg, pretrained, tmp_path / "a", progress=False)
     finetune(cfg, pretrained, tmp_path / "b", stop_after=2, progress=False)
-    assert not (tmp_path / "b" / "report.json").exists() or json.loads((tmp_path / "b" / "report.json").read_text())["evals"] == []
+    stopped = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert stopped["steps"] == 2 and stopped["evals"] == [] and stopped["best"] is None  # eval.every=0: end only
     resumed = finetune(cfg, pretrained, tmp_path / "b", progress=False)
     a, _ = load_world_action(tmp_path / "a" / "ckpt" / "step_00000004.pt")
     b, _ = load_world_action(tmp_path / "b" / "ckpt" / "step_00000004.pt")
