@@ -86,6 +86,9 @@ class WorldActionConfig:
             raise ConfigError(f"model.num_atoms must be >= 2, got {self.num_atoms}")
         if not self.v_min < self.v_max:
             raise ConfigError(f"model.v_min ({self.v_min}) must be < model.v_max ({self.v_max})")
+        for name in ("dropout", "q_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("num_layers", "num_heads", "num_q", "max_steps", "obs_tokens", "num_tasks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -201,7 +204,8 @@ class CausalSelfAttention(nn.Module):
             k, v = kc[:, :, :start + T].to(q.dtype), vc[:, :, :start + T].to(q.dtype)  # (B, H, start+T, hd)
             mask = None
             if T > 1:  # SDPA's is_causal is top-left aligned; new queries sit at the bottom right
-                mask = torch.arange(start + T, device=x.device) <= torch.arange(start, start + T, device=x.device)[:, None]
+                pos = torch.arange(start + T, device=x.device)
+                mask = pos <= pos[start:, None]  # (T, start+T): query start+i sees keys 0..start+i
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, D)
         return self.resid_dropout(self.proj(y))
