@@ -38,6 +38,64 @@ def make_batch(cfg, batch: int, steps: int, gen: torch.Generator) -> dict[str, t
     return b
 
 
+def run(config: str = "40M", batch: int = 8, steps: int = 8, bf16: bool = False, threads: int = 2, warmup: int = 3,
+        reps: int = 10, compile: bool = False, log=None) -> dict:
+    """Median ms/step and tokens/s of the stage-2 step for one preset; `log(msg)` gets one line per step."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = model_preset(config)
+    model = WorldActionModel(cfg).train()
+    opt = model.configure_optimizer(5e-5, 5e-5, 0.01)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    loss_cfg = LossConfig()
+    data = make_batch(cfg, batch, steps, torch.Generator().manual_seed(0))
+    fwd = torch.compile(model) if compile else model
+
+    def step(i: int) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            terms = compute_loss(fwd, data, loss_cfg, stage=2)
+        opt.zero_grad(set_to_none=True)
+        terms.total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        model.step_target(i)
+
+    times, cpu = [], []
+    load_before = os.getloadavg()[0]
+    for i in range(warmup + reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step(i + 1)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        if log:
+            log(f"step {i + 1}: {1000 * (time.perf_counter() - t0):.0f} ms")
+    ms = 1000 * statistics.median(times)
+    tokens = batch * steps * cfg.block_size
+    out = dict(config=config, batch=batch, steps=steps, bf16=bf16, threads=threads,
+               ms_per_step=round(ms, 1), tokens_per_s=round(tokens / ms * 1000, 1),
+               segments_per_s=round(batch / ms * 1000, 2), reps=reps,
+               min_ms_per_step=round(1000 * min(times), 1),
+               cpu_ms_per_step=round(1000 * statistics.median(cpu), 1),  # process CPU time, all threads
+               load_avg=[round(load_before, 2), round(os.getloadavg()[0], 2)],  # 1-min load before/after
+               trainable_params=model.parameter_counts()["trainable"],
+               gflop_per_step=round(step_gflop(cfg, batch, steps), 1))
+    out["gflop_per_s"] = round(out["gflop_per_step"] / ms * 1000, 1)
+    if config == "40M" and bf16 and batch == 8 and steps == 8:
+        out["speedup_vs_official"] = round(out["tokens_per_s"] / OFFICIAL_40M_BF16_TOK_S, 2)
+    return out
+
+
+def step_gflop(cfg, batch: int, steps: int) -> float:
+    """Matmul FLOPs of one training step (fwd x 3 for fwd + bwd), the work no implementation can skip:
+    backbone Linears on every token, the obs head on its L*36-1 positions, causal attention (lower triangle)."""
+    d, T = cfg.embed_dim, steps * cfg.block_size
+    backbone = 2 * batch * T * cfg.num_layers * 12 * d * d
+    obs_head = 2 * batch * (steps * cfg.obs_tokens - 1) * (d * d + d * cfg.obs_vocab)
+    attention = cfg.num_layers * batch * 2 * 2 * (T * (T + 1) // 2) * d
+    return 3 * (backbone + obs_head + attention) / 1e9
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="40M", help="model preset: tiny | 40M | 70M | 150M")
@@ -50,53 +108,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (experimental)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = model_preset(args.config)
-    model = WorldActionModel(cfg).train()
-    opt = model.configure_optimizer(5e-5, 5e-5, 0.01)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    loss_cfg = LossConfig()
-    batch = make_batch(cfg, args.batch, args.steps, torch.Generator().manual_seed(0))
-    fwd = torch.compile(model) if args.compile else model
-
-    def step(i: int) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            terms = compute_loss(fwd, batch, loss_cfg, stage=2)
-        opt.zero_grad(set_to_none=True)
-        terms.total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        opt.step()
-        model.step_target(i)
-
-    times, cpu = [], []
-    load_before = os.getloadavg()[0]
-    for i in range(args.warmup + args.reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        step(i + 1)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-        print(f"step {i + 1}: {1000 * (time.perf_counter() - t0):.0f} ms", file=sys.stderr)
-    ms = 1000 * statistics.median(times)
-    tokens = args.batch * args.steps * cfg.block_size
-    out = dict(config=args.config, batch=args.batch, steps=args.steps, bf16=args.bf16, threads=args.threads,
-               ms_per_step=round(ms, 1), tokens_per_s=round(tokens / ms * 1000, 1),
-               segments_per_s=round(args.batch / ms * 1000, 2), reps=args.reps,
-               min_ms_per_step=round(1000 * min(times), 1),
-               cpu_ms_per_step=round(1000 * statistics.median(cpu), 1),  # process CPU time, all threads
-               load_avg=[round(load_before, 2), round(os.getloadavg()[0], 2)],  # 1-min load before/after
-               trainable_params=model.parameter_counts()["trainable"])
-    if args.config == "40M" and args.bf16 and args.batch == 8 and args.steps == 8:
-        out["speedup_vs_official"] = round(out["tokens_per_s"] / OFFICIAL_40M_BF16_TOK_S, 2)
+    out = run(args.config, args.batch, args.steps, args.bf16, args.threads, args.warmup, args.reps, args.compile,
+              log=lambda msg: print(msg, file=sys.stderr))
+    ms = out["ms_per_step"]
     if args.json:
         print(json.dumps(out))
     else:
         print(f"{args.config} B={args.batch} L={args.steps} bf16={args.bf16}: {ms:.1f} ms/step (median; min "
               f"{out['min_ms_per_step']:.0f}), {out['tokens_per_s']:.0f} tokens/s"
               + (f" ({out['speedup_vs_official']}x official 2,522 tok/s)" if "speedup_vs_official" in out else "")
-              + f"; CPU {out['cpu_ms_per_step']:.0f} ms/step; load {out['load_avg'][0]} -> {out['load_avg'][1]}")
+              + f"; CPU {out['cpu_ms_per_step']:.0f} ms/step; {out['gflop_per_step']} GFLOP/step = "
+              f"{out['gflop_per_s']} GFLOP/s; load {out['load_avg'][0]} -> {out['load_avg'][1]}")
     return out
 
 

@@ -280,3 +280,19 @@ def test_cpu_training_attention_equals_sdpa_without_drops(chunks):
     torch.manual_seed(1)
     y = _attention_with_dropout(q, k, v, 0.5)
     assert not torch.allclose(y, ref)  # some probabilities were dropped
+
+
+def test_train_step_benchmark_runs_tiny(capsys):
+    """Smoke run of benchmarks/bench_train_step.py (no timing asserted): the full stage-2 step executes."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_train_step.py"
+    spec = importlib.util.spec_from_file_location("bench_train_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--config", "tiny", "--batch", "2", "--warmup", "0", "--reps", "1", "--bf16", "--threads", "1",
+                      "--json"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    assert out["tokens_per_s"] > 0 and out["trainable_params"] == 541_361
+    assert bench.step_gflop(model_preset("40M"), 8, 8) == pytest.approx(205.48, abs=0.01)
