@@ -148,7 +148,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    return x.masked_fill(drop_mask(x.shape, p, x.device), 0.0) * (1.0 / (1.0 - p))
+    return torch.where(drop_mask(x.shape, p, x.device), 0.0, x) * (1.0 / (1.0 - p))  # where: 1 pass, masked_fill 2
 
 
 class Dropout(nn.Module):
@@ -175,7 +175,7 @@ def _attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     for a, b in zip(bounds[:-1], bounds[1:]):
         causal = torch.full((b - a, b), float("-inf"), dtype=q.dtype, device=q.device).triu_(a + 1)  # additive
         att = torch.baddbmm(causal, q[:, a:b], k[:, :b].transpose(1, 2), alpha=1.0 / math.sqrt(hd)).softmax(-1)
-        att = att.masked_fill(drop_mask(att.shape, p, q.device), 0.0)  # (B*H, b-a, b)
+        att = torch.where(drop_mask(att.shape, p, q.device), 0.0, att)  # (B*H, b-a, b)
         out.append(att @ v[:, :b])  # (B*H, b-a, hd)
     return torch.cat(out, 1).view(B, H, T, hd) * (1.0 / (1.0 - p))  # 1/(1-p) folded after @ v
 
