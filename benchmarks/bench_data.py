@@ -85,6 +85,45 @@ def segments_per_s(stream, seconds: float = 3.0) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def stream_figures(tmp: Path, transitions: int, batch: int, built: Path, tok: Path, seconds: float = 3.0,
+                   otf_seconds: float = 5.0) -> dict:
+    """Segments/s per process from zarr and wds over a synthetic token set of `transitions`, RAM per 1M
+    transitions, and the on-the-fly tokenizing source over `built` (a small built dataset, tokenizer `tok`)."""
+    from jowa_data.stream import FrameSegmentStream, SegmentStream, load_cache
+    from jowa_model.tokenizer import load_tokenizer
+
+    res: dict = {}
+    t0 = time.perf_counter()
+    d = synthetic_dataset(tmp / "synth", transitions)
+    res["synthetic_write_s"] = time.perf_counter() - t0
+    for backend in ("zarr", "wds"):
+        t0 = time.perf_counter()
+        rss0 = _rss_mib()
+        cache = load_cache(d, backend)
+        decode_s = time.perf_counter() - t0
+        s = SegmentStream(d, batch_size=batch, seed=0, rank=0, world_size=1, backend=backend, cache=cache)
+        sps = segments_per_s(s, seconds)
+        res[backend] = {"cache_decode_s": decode_s, "segments_per_s": sps,
+                        "shared_cache_mib_per_1M": cache.nbytes / 2**20 / (cache.num_transitions / 1e6),
+                        "index_mib_per_1M": (s.seg_start.nbytes + s.seg_valid.nbytes + s.seg_game.nbytes)
+                        / 2**20 / (cache.num_transitions / 1e6),
+                        "rss_growth_mib_per_1M": (_rss_mib() - rss0) / (cache.num_transitions / 1e6)}
+    f = FrameSegmentStream(built, load_tokenizer(tok), batch_size=batch, seed=0, rank=0, world_size=1)
+    res["on_the_fly_segments_per_s"] = segments_per_s(f, seconds=otf_seconds)
+    return res
+
+
+def run(steps: int = 2000, transitions: int = 1_000_000, batch: int = 64, tokenizer: str | None = None,
+        seconds: float = 3.0, otf_seconds: float = 5.0) -> dict:
+    """Every figure of this script as one dict (build, synthetic_write_s, zarr, wds, on_the_fly_segments_per_s)."""
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        b, built, tok = bench_build(tmp, steps, tokenizer)
+        res = {"build": {k: b[k] for k in ("rows", "frames_per_s", "read_s", "tokenize_s", "write_s", "run_s")}}
+        res.update(stream_figures(tmp, transitions, batch, built, tok, seconds, otf_seconds))
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2000, help="agent steps recorded for the build benchmark")
@@ -93,31 +132,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", help="tokenizer checkpoint (default: tiny preset, random weights)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    from jowa_data.stream import FrameSegmentStream, SegmentStream, load_cache
-    from jowa_model.tokenizer import load_tokenizer
-
-    res: dict = {}
-    with tempfile.TemporaryDirectory() as td:
-        tmp = Path(td)
-        b, built, tok = bench_build(tmp, a.steps, a.tokenizer)
-        res["build"] = {k: b[k] for k in ("rows", "frames_per_s", "read_s", "tokenize_s", "write_s", "run_s")}
-        t0 = time.perf_counter()
-        d = synthetic_dataset(tmp / "synth", a.transitions)
-        res["synthetic_write_s"] = time.perf_counter() - t0
-        for backend in ("zarr", "wds"):
-            t0 = time.perf_counter()
-            rss0 = _rss_mib()
-            cache = load_cache(d, backend)
-            decode_s = time.perf_counter() - t0
-            s = SegmentStream(d, batch_size=a.batch, seed=0, rank=0, world_size=1, backend=backend, cache=cache)
-            sps = segments_per_s(s)
-            res[backend] = {"cache_decode_s": decode_s, "segments_per_s": sps,
-                            "shared_cache_mib_per_1M": cache.nbytes / 2**20 / (cache.num_transitions / 1e6),
-                            "index_mib_per_1M": (s.seg_start.nbytes + s.seg_valid.nbytes + s.seg_game.nbytes)
-                            / 2**20 / (cache.num_transitions / 1e6),
-                            "rss_growth_mib_per_1M": (_rss_mib() - rss0) / (cache.num_transitions / 1e6)}
-        f = FrameSegmentStream(built, load_tokenizer(tok), batch_size=a.batch, seed=0, rank=0, world_size=1)
-        res["on_the_fly_segments_per_s"] = segments_per_s(f, seconds=5.0)
+    res = run(a.steps, a.transitions, a.batch, a.tokenizer)
     if a.json:
         print(json.dumps(res, indent=2))
         return

@@ -106,6 +106,43 @@ def child(root: str, decoder: str, mode: str) -> None:
                       "checksum": checksum}))
 
 
+def run(rows: int = 1_000_000, episode: int = 2000, level: int = 1, decoders: list[str] | None = None,
+        modes: tuple[str, ...] = ("stream", "episodes"), root: str | Path | None = None,
+        log=None) -> dict:
+    """Generate (or reuse) a checkpoint and measure every decoder x mode, each in a fresh child process.
+
+    Returns {"generated": info, "results": [per decoder/mode dicts], "errors": [...], "agree": bool}.
+    `log(obj)` is called with each JSON-able line as it comes (the script prints them).
+    """
+    from jowa_data.npy_stream import available_decoders
+
+    decoders = list(decoders or available_decoders())
+    log = log or (lambda obj: None)
+    with tempfile.TemporaryDirectory(prefix="bench_replay_") as tmp:
+        root = Path(root or tmp)
+        obs = root / GAME / str(RUN) / "replay_logs" / "$store$_observation_ckpt.0.gz"
+        if obs.exists():
+            info = {"rows": rows, "reused": str(obs)}
+        else:
+            info = generate(root, rows, episode, level)
+        log({"generated": info})
+        results, errors = [], []
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        for mode in modes:
+            for dec in decoders:
+                out = subprocess.run([sys.executable, __file__, "--child", str(root), dec, mode],
+                                     capture_output=True, text=True, env=env)
+                if out.returncode != 0:
+                    errors.append({"decoder": dec, "mode": mode, "error": out.stderr.strip()[-500:]})
+                    log(errors[-1])
+                    continue
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                results.append(r)
+                log(r)
+    agree = all(len({r["checksum"] for r in results if r["mode"] == m}) == 1 for m in {r["mode"] for r in results})
+    return {"generated": info, "results": results, "errors": errors, "agree": agree}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000, help="observation rows (DQN-Replay: 1,000,000)")
@@ -119,36 +156,15 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
-    from jowa_data.npy_stream import available_decoders
-
-    decoders = [d for d in args.decoders.split(",") if d] or available_decoders()
-    with tempfile.TemporaryDirectory(prefix="bench_replay_") as tmp:
-        root = Path(args.root or tmp)
-        obs = root / GAME / str(RUN) / "replay_logs" / "$store$_observation_ckpt.0.gz"
-        if obs.exists():
-            info = {"rows": args.rows, "reused": str(obs)}
-        else:
-            info = generate(root, args.rows, args.episode, args.level)
-        print(json.dumps({"generated": info}), flush=True)
-        results = []
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        for mode in args.modes.split(","):
-            for dec in decoders:
-                out = subprocess.run([sys.executable, __file__, "--child", str(root), dec, mode],
-                                     capture_output=True, text=True, env=env)
-                if out.returncode != 0:
-                    print(json.dumps({"decoder": dec, "mode": mode, "error": out.stderr.strip()[-500:]}))
-                    continue
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                results.append(r)
-                print(json.dumps(r), flush=True)
-        agree = all(len({r["checksum"] for r in results if r["mode"] == m}) == 1 for m in {r["mode"] for r in results})
-        print(f"\n{'mode':9s} {'decoder':10s} {'frames/s':>10s} {'MB/s':>7s} {'peak RSS MB':>12s}")
-        for r in results:
-            print(f"{r['mode']:9s} {r['decoder']:10s} {r['frames_per_s']:>10,d} {r['MB_per_s_decompressed']:>7d} "
-                  f"{r['peak_rss_MB']:>12d}")
-        ok_rss = all(r["peak_rss_MB"] < 1024 for r in results)
-        print(f"all decoders agree (per mode): {agree}; peak RSS < 1 GB: {ok_rss}")
+    out = run(args.rows, args.episode, args.level, [d for d in args.decoders.split(",") if d] or None,
+              tuple(args.modes.split(",")), args.root, log=lambda obj: print(json.dumps(obj), flush=True))
+    results = out["results"]
+    print(f"\n{'mode':9s} {'decoder':10s} {'frames/s':>10s} {'MB/s':>7s} {'peak RSS MB':>12s}")
+    for r in results:
+        print(f"{r['mode']:9s} {r['decoder']:10s} {r['frames_per_s']:>10,d} {r['MB_per_s_decompressed']:>7d} "
+              f"{r['peak_rss_MB']:>12d}")
+    ok_rss = all(r["peak_rss_MB"] < 1024 for r in results)
+    print(f"all decoders agree (per mode): {out['agree']}; peak RSS < 1 GB: {ok_rss}")
 
 
 if __name__ == "__main__":

@@ -39,42 +39,53 @@ def timed(fn, reps: int) -> float:
     return best
 
 
+def run(frames: int = 64, reps: int = 2, presets: tuple[str, ...] = ("paper", "tiny"), train: bool = True,
+        lpips: bool = True) -> dict[str, float]:
+    """Encode/decode frames/s per preset and dtype on `frames` real Pong frames; optionally the tiny tokenizer's
+    training step and the LPIPS-VGG term (ms)."""
+    from jowa_model.perceptual import load_lpips_vgg
+    from jowa_model.tokenizer import Tokenizer, tokenizer_preset
+
+    torch.manual_seed(0)
+    n = frames
+    frames = real_frames(n)
+    res: dict[str, float] = {"threads": torch.get_num_threads(), "frames": n}
+    for preset in presets:
+        tok = Tokenizer(tokenizer_preset(preset)).eval()
+        tokens = tok.encode(frames)
+        for name, dt in (("fp32", None), ("bf16", torch.bfloat16)):
+            s = timed(lambda: tok.encode(frames, chunk_size=64, dtype=dt), reps)
+            res[f"{preset}.encode.{name}.frames_per_s"] = n / s
+            s = timed(lambda: tok.decode(tokens, chunk_size=64, dtype=dt), reps)
+            res[f"{preset}.decode.{name}.frames_per_s"] = n / s
+        res[f"{preset}.encode.fp32.1frame_ms"] = 1000 * timed(lambda: tok.encode(frames[:1]), 5)
+        res[f"{preset}.bf16_token_agreement"] = float((tok.encode(frames, dtype=torch.bfloat16) == tokens).mean())
+    if train:
+        tok = Tokenizer(tokenizer_preset("tiny")).train()
+        opt = torch.optim.Adam(tok.parameters(), lr=1e-3)
+
+        def step() -> None:
+            loss, _ = tok.compute_loss(frames[:32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        res["tiny.train_step_b32_ms"] = 1000 * timed(step, reps)
+    if lpips:
+        lp = load_lpips_vgg()
+        x = torch.from_numpy(frames[:8]).float().unsqueeze(1).div(127.5).sub(1).requires_grad_(True)
+        y = torch.from_numpy(frames[8:16]).float().unsqueeze(1).div(127.5).sub(1)
+        res["lpips_vgg.fwd_bwd_b8_ms"] = 1000 * timed(lambda: lp(x, y).mean().backward(), reps)
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=64)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
-    from jowa_model.perceptual import load_lpips_vgg
-    from jowa_model.tokenizer import Tokenizer, tokenizer_preset
-
-    torch.manual_seed(0)
-    frames = real_frames(a.frames)
-    res: dict[str, float] = {"threads": torch.get_num_threads(), "frames": a.frames}
-    for preset in ("paper", "tiny"):
-        tok = Tokenizer(tokenizer_preset(preset)).eval()
-        tokens = tok.encode(frames)
-        for name, dt in (("fp32", None), ("bf16", torch.bfloat16)):
-            s = timed(lambda: tok.encode(frames, chunk_size=64, dtype=dt), a.reps)
-            res[f"{preset}.encode.{name}.frames_per_s"] = a.frames / s
-            s = timed(lambda: tok.decode(tokens, chunk_size=64, dtype=dt), a.reps)
-            res[f"{preset}.decode.{name}.frames_per_s"] = a.frames / s
-        res[f"{preset}.encode.fp32.1frame_ms"] = 1000 * timed(lambda: tok.encode(frames[:1]), 5)
-        res[f"{preset}.bf16_token_agreement"] = float((tok.encode(frames, dtype=torch.bfloat16) == tokens).mean())
-    tok = Tokenizer(tokenizer_preset("tiny")).train()
-    opt = torch.optim.Adam(tok.parameters(), lr=1e-3)
-
-    def step() -> None:
-        loss, _ = tok.compute_loss(frames[:32])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    res["tiny.train_step_b32_ms"] = 1000 * timed(step, a.reps)
-    lp = load_lpips_vgg()
-    x = torch.from_numpy(frames[:8]).float().unsqueeze(1).div(127.5).sub(1).requires_grad_(True)
-    y = torch.from_numpy(frames[8:16]).float().unsqueeze(1).div(127.5).sub(1)
-    res["lpips_vgg.fwd_bwd_b8_ms"] = 1000 * timed(lambda: lp(x, y).mean().backward(), a.reps)
+    res = run(a.frames, a.reps)
     if a.json:
         print(json.dumps(res, indent=2))
     else:

@@ -1,4 +1,9 @@
-"""`jowa bench ...`: speed measurements (no timing asserts live in the tests; they live here)."""
+"""`jowa bench ...`: speed measurements (no timing asserts live in the tests; they live here).
+
+`jowa bench` (or `jowa bench all`) runs every benchmark in one process and prints one table with the machine it ran
+on; `jowa bench read|record|build|stream|train|tokenizer` run one section; `jowa bench plan` is the planner
+benchmark with its own options (checkpoint, preset, dtype).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,79 @@ import click
 from jowa_data.cli_util import JowaGroup, echo_json, load_registry, manifests_option, stderr_console, stdout_console
 
 
-@click.group(cls=JowaGroup)
-def bench() -> None:
-    """Speed benchmarks: plan (more sub-commands come with the other parts)."""
+def _size_options(f):
+    """--size/--full/--set/--json, shared by `jowa bench`, `all` and the one-section commands."""
+    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object (machine, config, figures).")(f)
+    f = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Override a size knob, e.g. --set train.configs='[\"40M\"]' --set read.rows=50000 "
+                          "(repeatable; see pipelines/bench.py BenchConfig).")(f)
+    f = click.option("--full", is_flag=True, help="Same as --size full (paper-size inputs; much longer).")(f)
+    f = click.option("--size", type=click.Choice(["tiny", "quick", "full"]), default="quick", show_default=True,
+                     help="Input sizes: tiny (seconds, for tests), quick (a few minutes in all), full.")(f)
+    return f
+
+
+def _run_sections(sections: tuple[str, ...], size: str, full: bool, sets: tuple[str, ...], as_json: bool) -> None:
+    from jowa_data.config import parse_set_args
+    from pipelines.bench import bench_config, render_table, run_bench
+
+    cfg = bench_config("full" if full else size, parse_set_args(sets) if sets else None)
+    err = stderr_console()
+    with err.status("jowa bench") as status:
+        res = run_bench(cfg, sections, progress=lambda msg: status.update(f"jowa bench: {msg}"))
+    if as_json:
+        echo_json(res)
+    else:
+        render_table(res, stdout_console())
+    if res["errors"]:
+        raise click.exceptions.Exit(1)
+
+
+@click.group(cls=JowaGroup, invoke_without_command=True)
+@_size_options
+@click.pass_context
+def bench(ctx: click.Context, size, full, sets, as_json) -> None:
+    """Speed benchmarks. Without a sub-command: every benchmark, one table (same as `jowa bench all`)."""
+    if ctx.invoked_subcommand is None:
+        from pipelines.bench import SECTIONS
+
+        _run_sections(SECTIONS, size, full, sets, as_json)
+
+
+@bench.command("all")
+@click.option("--only", default="", help="Comma list of sections to run (default: all).")
+@click.option("--skip", default="", help="Comma list of sections to leave out.")
+@_size_options
+def all_cmd(only, skip, size, full, sets, as_json) -> None:
+    """Every benchmark in one process: read, record, build, stream, train, tokenizer, plan."""
+    from jowa_data.errors import ConfigError
+    from pipelines.bench import SECTIONS
+
+    picked = [s for s in only.split(",") if s] or list(SECTIONS)
+    dropped = [s for s in skip.split(",") if s]
+    for s in picked + dropped:
+        if s not in SECTIONS:
+            raise ConfigError(f"--only/--skip: unknown section '{s}' (choose from {', '.join(SECTIONS)})")
+    _run_sections(tuple(s for s in SECTIONS if s in picked and s not in dropped), size, full, sets, as_json)
+
+
+def _section_command(name: str, doc: str):
+    @_size_options
+    def cmd(size, full, sets, as_json) -> None:
+        _run_sections((name,), size, full, sets, as_json)
+
+    cmd.__doc__ = doc
+    bench.command(name)(cmd)
+
+
+for _name, _doc in (
+        ("read", "Frames/s reading a generated DQN-Replay observation file, per gzip decoder, and peak RSS."),
+        ("record", "Agent steps/s and emulator frames/s recording with the real ALE."),
+        ("build", "jowa-data build frames/s, its read/tokenize/write split, the paper tokenizer's encode frames/s."),
+        ("stream", "Segments/s per process from zarr and webdataset, the on-the-fly source, MiB per 1M transitions."),
+        ("train", "Tokens/s of a stage-2 train step per model preset, fp32 and bf16 autocast."),
+        ("tokenizer", "Tokenizer encode/decode frames/s (paper and tiny, fp32 and bf16), training step, LPIPS.")):
+    _section_command(_name, _doc)
 
 
 @bench.command("plan")
