@@ -33,7 +33,7 @@ class DemoConfig:
     capacity: int = 2000  # rows per DQN-Replay checkpoint file (real data: 1,000,000)
     max_episode_steps: int = 1500  # step cap per recorded episode (Dopamine: 27,000)
     policy: str = "random"  # behaviour policy of the recording (random | epsilon:E[:inner] | module:function)
-    tokenizer_steps: int = 600  # tiny tokenizer training steps
+    tokenizer_steps: int = 300  # tiny tokenizer training steps (batch 32)
     pretrain_stage1: int = 300  # world-loss steps (M1)
     pretrain_stage2: int = 300  # joint-loss steps (M2)
     batch_size: int = 16  # segments per step
@@ -116,8 +116,11 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, console=None) -> di
         from jowa_data.config import apply_overrides
         from pipelines.train_tokenizer import train_preset as tok_preset, train_tokenizer
 
+        # Dead-code restart on: a few hundred CPU steps otherwise collapse the codebook (perplexity falls).
         tcfg = apply_overrides(tok_preset("tiny"), {"steps": cfg.tokenizer_steps, "seed": cfg.seed,
-                                                    "image_every": 0, "ckpt_every": cfg.tokenizer_steps})
+                                                    "image_every": 0, "ckpt_every": cfg.tokenizer_steps,
+                                                    "dead_code_restart": True, "dead_code_window": 25,
+                                                    "restart_every": 25})
         res = train_tokenizer(tcfg, out / "tokenizer", index=out / "index.parquet", replay_root=replay,
                               resume=(out / "tokenizer" / "checkpoint.pt").exists(), progress=True)
         png = res.get("png") or res.get("last_png")

@@ -24,3 +24,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Tests that run CLIs in-process (e.g. `jowa bench --threads 2`) must not change the thread count of the
+    tests after them: bit-exact comparisons across processes depend on it."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

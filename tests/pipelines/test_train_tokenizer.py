@@ -67,7 +67,17 @@ def test_sampler_walks_permutations_and_resumes():
         FrameSampler(10, 5, seed=1).load_state_dict(st)
 
 
-def test_resume_after_sigkill_is_exact(tmp_path, atari_frames_npy):
+@pytest.fixture
+def one_thread():
+    """Bit-exact comparisons across processes need the same intra-op thread count (conv reduction order);
+    other tests in this process may have changed it (e.g. `jowa bench plan --threads`)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, atari_frames_npy, one_thread):
     """A killed run resumed from its checkpoint logs the same batches and losses and ends with the same weights."""
     ref = tmp_path / "ref"
     cfg = apply_overrides(train_preset("tiny"), parse_set_args(RESUME_SETS))
