@@ -296,3 +296,13 @@ def test_train_step_benchmark_runs_tiny(capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
     assert out["tokens_per_s"] > 0 and out["trainable_params"] == 541_361
     assert bench.step_gflop(model_preset("40M"), 8, 8) == pytest.approx(205.48, abs=0.01)
+
+
+def test_cli_model_info_bad_override_exits_1():
+    from pipelines.cli import main
+
+    r = CliRunner().invoke(main, ["model", "info", "tiny", "--set", "num_layer=3", "--json"])
+    assert r.exit_code == 1
+    assert "unknown config key 'num_layer'" in r.output and "num_layers" in r.output
+    r = CliRunner().invoke(main, ["model", "info", "tiny", "--set", "num_layers=3", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["config"]["num_layers"] == 3
