@@ -143,23 +143,16 @@ def machine_info() -> dict[str, Any]:
     import psutil
     import torch
 
-    cpu = platform.processor() or "unknown"
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    flags = ""
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        pass
+        info = []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), platform.processor())
+    flags = next((ln for ln in info if ln.startswith("flags")), "")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = os.getloadavg()
-    return {"cpu": cpu, "cores": cores, "logical_cpus": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
+    return {"cpu": cpu or "unknown", "cores": cores, "logical_cpus": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
             "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "gpu": gpu,
             "load_avg_start": [round(x, 2) for x in load], "loaded": load[0] > 0.5 * (cores or 1),
@@ -194,6 +187,9 @@ def run_read(cfg: BenchConfig, work: Path, state: dict, log: Log) -> dict:
     for d in cfg.read.decoders:
         if d not in have:
             raise ConfigError(f"read.decoders: '{d}' is not an installed gzip decoder ({', '.join(have)})")
+    for m in cfg.read.modes:
+        if m not in ("stream", "episodes"):
+            raise ConfigError(f"read.modes: '{m}' is not stream or episodes")
     out = _script("bench_replay").run(rows=cfg.read.rows, decoders=list(cfg.read.decoders) or None,
                                       modes=cfg.read.modes, root=work / "read")
     if out["errors"]:
@@ -356,7 +352,8 @@ def figures(section: str, r: dict) -> list[dict[str, Any]]:
             ref = f"train.{preset}.{dt}" if preset == "40M" and x["batch"] == 8 and x["steps"] == 8 else None
             gf = f", {x['gflop_per_s']:.0f} GFLOP/s" if "gflop_per_s" in x else ""
             f.append(_fig(section, f"train.{k}.tokens_per_s",
-                          f"{preset} {dt}, B={x['batch']} L={x['steps']} ({x['ms_per_step']:.0f} ms/step{gf})",
+                          f"{preset} {dt}, B={x['batch']} L={x['steps']} ({x['ms_per_step']:.0f} ms/step, "
+                          f"CPU {x['cpu_ms_per_step']:.0f} ms{gf})",
                           x["tokens_per_s"], "tokens/s", ref))
     elif section == "tokenizer":
         presets = sorted({k.split(".")[0] for k in r if k.endswith("frames_per_s") and k.count(".") == 3})
@@ -384,7 +381,8 @@ def figures(section: str, r: dict) -> list[dict[str, Any]]:
             s = x["settings"]
             for k, what in names.items():
                 row = _fig(section, f"plan.{dt}.{k}", f"{s['preset']} {dt}: {what}"
-                           + ("" if s["encode"] else " (no encode)"), x[k], "decisions/s")
+                           + ("" if s["encode"] else " (no encode)") + f" (CPU {x['cpu_ms'][k]:.0f} ms)",
+                           x[k], "decisions/s")
                 off = (x.get("official") or {}).get(k)
                 if off and s["encode"]:
                     row.update(reference=off, reference_source=f"official 40M {dt}", ratio=x[k] / off)
@@ -472,6 +470,12 @@ def render_table(res: dict[str, Any], console=None) -> None:
         t.add_row(f["section"] if f["section"] != last else "", f["figure"], val, f["unit"], ref, ratio)
         last = f["section"]
     console.print(t)
+    m = res["machine"]
+    if m["loaded"] and m["torch_threads"] > 1:
+        console.print(f"[yellow]The machine was loaded (1-min load {m['load_avg_start'][0]:.1f} on {m['cores']} cores):"
+                      f" with {m['torch_threads']} torch threads every parallel region waits for descheduled threads,"
+                      " so train/tokenizer/plan wall times are inflated (CPU ms shown beside them); compare with"
+                      " the official figures only on an idle machine, or rerun with --set threads=1.[/yellow]")
     for s, err in res["errors"].items():
         console.print(f"[red]{s} failed:[/red] {err}")
     console.print("seconds per section: " + ", ".join(f"{k} {v:.0f}" for k, v in res["seconds"].items()))
