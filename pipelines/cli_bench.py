@@ -49,6 +49,9 @@ def bench(ctx: click.Context, size, full, sets, as_json) -> None:
         from pipelines.bench import SECTIONS
 
         _run_sections(SECTIONS, size, full, sets, as_json)
+    elif full or sets or as_json or ctx.get_parameter_source("size") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError(f"put --size/--full/--set/--json after the sub-command: "
+                               f"jowa bench {ctx.invoked_subcommand} [OPTIONS]")
 
 
 @bench.command("all")

@@ -139,3 +139,5 @@ def test_sizes():
     assert bench_config("tiny", {"read": {"rows": 7}}).read.rows == 7
     r = CliRunner().invoke(main, ["bench", "--size", "huge"])
     assert r.exit_code == 2
+    r = CliRunner().invoke(main, ["bench", "--json", "record"])  # would be silently ignored
+    assert r.exit_code == 2 and "after the sub-command" in r.output
