@@ -24,7 +24,7 @@ from typing import Literal, Mapping
 import torch
 import torch.nn.functional as F
 
-from jowa_model.world_action import WorldActionModel
+from jowa_model.world_action import WorldActionModel, expected_q
 
 LOG_EPS = 1e-8  # log(p + eps) in the C51 cross-entropy (official value)
 
@@ -129,12 +129,12 @@ def action_loss(model: WorldActionModel, h_q: torch.Tensor, batch: Mapping[str, 
 
     probs = model.q_probs(h_q)  # (B, L, 18, atoms) fp32
     p_data = probs.gather(2, actions[:, :, None, None].expand(-1, -1, 1, probs.shape[-1])).squeeze(2)  # (B, L, atoms)
-    q_exp = probs @ support  # (B, L, 18)
+    q_exp = expected_q(probs, support)  # (B, L, 18)
     q_data = q_exp.gather(2, actions[:, :, None]).squeeze(2)  # (B, L)
 
     with torch.no_grad():
         tp = model.q_probs(h_q.detach(), target=True)  # (B, L, 18, atoms)
-        tq = (tp @ support).masked_fill(~valid_actions, float("-inf"))  # (B, L, 18)
+        tq = expected_q(tp, support).masked_fill(~valid_actions, float("-inf"))  # (B, L, 18)
         a_star = tq.argmax(-1)  # (B, L)
         p_next = tp.gather(2, a_star[:, :, None, None].expand(-1, -1, 1, tp.shape[-1])).squeeze(2)  # (B, L, atoms)
         p_next = F.pad(p_next[:, 1:], (0, 0, 0, 1))  # step t bootstraps from block t+1; (B, L, atoms)

@@ -306,3 +306,14 @@ def test_cli_model_info_bad_override_exits_1():
     assert "unknown config key 'num_layer'" in r.output and "num_layers" in r.output
     r = CliRunner().invoke(main, ["model", "info", "tiny", "--set", "num_layers=3", "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["config"]["num_layers"] == 3
+
+
+def test_q_values_stay_fp32_under_bf16_autocast():
+    m = tiny_model()
+    h = torch.randn(5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs = m.q_probs(h)
+        q = m.q_values(h)
+    assert q.dtype == torch.float32 and probs.dtype == torch.float32
+    torch.testing.assert_close(q, (probs.double() * torch.linspace(-10, 30, 51).double()).sum(-1).float(),
+                               atol=1e-5, rtol=1e-6)
