@@ -1,0 +1,303 @@
+"""Normalised Atari scores (HNS / DNS) and their aggregates (mean, median, IQM) with bootstrap CIs.
+
+Why a module of its own: the paper's headline numbers are aggregates over per-game means, and small
+differences in how they are computed (game-level vs run-level IQM, which reference scores, what to do
+when a reference is below random) change them. This module computes them exactly as the paper and the
+official `results/results.py` do, so `jowa scores` on the paper's returns gives the paper's tables:
+
+- normalised score = (s - lo) / (hi - lo) with lo, hi = min/max(random, reference): the official
+  `normalize()` swaps the two when a reference is below random;
+- median and IQM are taken over the per-game MEAN normalised scores (game-level IQM: a 25% trimmed
+  mean over games, as `scipy.stats.trim_mean(x, 0.25)`, re-implemented here in numpy);
+- confidence intervals: percentile bootstrap that resamples episodes within each game (seeded).
+
+Inputs are raw-score JSON files in three layouts (see `read_raw_scores`): ours (`jowa-raw-scores-v1`,
+written by `jowa eval`), the official repository's (`{"Game": {"raw_scores": [...], ...}}`), and a plain
+`{"Game": [returns...] | mean}` mapping (the paper's tables only give per-game means).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from jowa_data.errors import JowaError, ManifestError
+from jowa_data.manifest import GameManifest, ManifestRegistry
+
+RAW_FORMAT = "jowa-raw-scores-v1"  # format tag of the raw-score JSON written by `jowa eval`
+REFS = {"human": "HNS", "dqn": "DNS"}  # reference name -> metric name
+
+
+class RawScoresError(JowaError):
+    """A raw-score JSON file is missing, malformed, or names an unknown game."""
+
+
+@dataclass(frozen=True)
+class GameReturns:
+    """Per-episode raw (unclipped) returns of one game, with where they came from."""
+
+    game: str  # canonical game name (manifest name)
+    returns: np.ndarray  # (E,) float64, one raw return per episode
+    settings: dict[str, Any] = field(default_factory=dict)  # planning settings etc., as recorded
+    source: str = ""  # file the returns were read from
+
+
+@dataclass
+class ScoresConfig:
+    ref: str = "human"  # normalise by "human" (HNS, paper Table 2) or "dqn" (DNS, paper Table 3/18)
+    trim: float = 0.25  # fraction cut from each end for the IQM (paper: scipy trim_mean 0.25)
+    n_boot: int = 2000  # bootstrap resamples for confidence intervals (0 = no CIs)
+    ci: float = 0.95  # confidence level of the percentile intervals
+    seed: int = 0  # seed of the bootstrap generator (same inputs + seed -> same CIs)
+
+
+# --- statistics -----------------------------------------------------------------------------------
+
+def trim_mean(x: np.ndarray | Sequence[float], proportion: float = 0.25, axis: int = -1) -> np.ndarray | float:
+    """Mean after cutting `int(proportion * n)` values from each end along `axis` (= scipy.stats.trim_mean).
+
+    With 15 games and 0.25 this drops the 3 lowest and 3 highest and averages the middle 9.
+    """
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 0:
+        raise ValueError("trim_mean needs at least one dimension")
+    n = a.shape[axis]
+    if n == 0:
+        raise ValueError("trim_mean of an empty array")
+    if not 0.0 <= proportion < 0.5:
+        raise ValueError(f"proportion must be in [0, 0.5), got {proportion}")
+    lo = int(proportion * n)
+    s = np.sort(a, axis=axis)
+    mid = np.take(s, np.arange(lo, n - lo), axis=axis)
+    out = mid.mean(axis=axis)
+    return float(out) if out.ndim == 0 else out
+
+
+def iqm(x: np.ndarray | Sequence[float], axis: int = -1) -> np.ndarray | float:
+    """Inter-quartile mean: the 25% trimmed mean."""
+    return trim_mean(x, 0.25, axis=axis)
+
+
+def normalize(score: np.ndarray | float, random: float, reference: float) -> np.ndarray | float:
+    """(score - lo) / (hi - lo) with lo/hi the smaller/larger of (random, reference), as the official code."""
+    lo, hi = min(random, reference), max(random, reference)
+    if hi == lo:
+        raise ValueError(f"reference score {reference} equals the random score: cannot normalise")
+    out = (np.asarray(score, dtype=np.float64) - lo) / (hi - lo)
+    return float(out) if out.ndim == 0 else out
+
+
+def reference_pair(m: GameManifest, ref: str) -> tuple[float, float]:
+    """(random, reference) raw scores of a game from its manifest; `ref` is "human" or "dqn"."""
+    if ref not in REFS:
+        raise ValueError(f"ref must be one of {sorted(REFS)}, got {ref!r}")
+    return m.scores.random, getattr(m.scores, ref)
+
+
+# --- reading raw-score files ----------------------------------------------------------------------
+
+def _returns_array(path: Path, game: str, key: str, v: Any) -> np.ndarray:
+    if isinstance(v, bool) or not (isinstance(v, (int, float)) or isinstance(v, list)):
+        raise RawScoresError(f"{path}: game '{game}': '{key}' must be a list of numbers or a number, "
+                             f"got {type(v).__name__}")
+    vals = v if isinstance(v, list) else [v]
+    if not vals:
+        raise RawScoresError(f"{path}: game '{game}': '{key}' is empty (no episodes)")
+    for x in vals:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            raise RawScoresError(f"{path}: game '{game}': '{key}' holds a non-finite or non-numeric value {x!r}")
+    return np.asarray(vals, dtype=np.float64)
+
+
+def read_raw_scores(path: str | Path) -> dict[str, GameReturns]:
+    """Read one raw-score JSON file (any of the accepted layouts) -> {game name as written: GameReturns}.
+
+    Layouts:
+      ours     {"format": "jowa-raw-scores-v1", "checkpoint": ..., "games": {G: {"settings": {...},
+               "returns": [...], "lengths": [...], "decisions_per_s": ...}}}
+      official {G: {"buffer_size": [int], "beam_width": int, "planning_horizon": int, "raw_scores": [...]}}
+      plain    {G: [returns...]} or {G: mean} (one pseudo-episode: the paper's tables give only means)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RawScoresError(f"{path}: raw-score file not found")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RawScoresError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict) or not raw:
+        raise RawScoresError(f"{path}: expected a JSON object mapping games to scores")
+
+    out: dict[str, GameReturns] = {}
+    if "format" in raw:
+        if raw["format"] != RAW_FORMAT:
+            raise RawScoresError(f"{path}: key 'format': unsupported raw-score format {raw['format']!r} "
+                                 f"(expected {RAW_FORMAT!r})")
+        games = raw.get("games")
+        if not isinstance(games, dict) or not games:
+            raise RawScoresError(f"{path}: key 'games': missing or empty")
+        top = {k: raw[k] for k in ("checkpoint", "agent") if k in raw}
+        for g, d in games.items():
+            if not isinstance(d, dict) or "returns" not in d:
+                raise RawScoresError(f"{path}: game '{g}': missing key 'returns'")
+            settings = dict(d.get("settings") or {})
+            settings.update(top)
+            out[g] = GameReturns(g, _returns_array(path, g, "returns", d["returns"]), settings, str(path))
+        return out
+
+    for g, d in raw.items():
+        if isinstance(d, dict):
+            if "raw_scores" not in d:
+                raise RawScoresError(f"{path}: game '{g}': missing key 'raw_scores' (official layout) "
+                                     f"and no 'format' key (jowa layout)")
+            settings = {k: v for k, v in d.items() if k != "raw_scores"}
+            out[g] = GameReturns(g, _returns_array(path, g, "raw_scores", d["raw_scores"]), settings, str(path))
+        else:
+            out[g] = GameReturns(g, _returns_array(path, g, g, d), {}, str(path))
+    return out
+
+
+def load_raw_scores(paths: Iterable[str | Path], registry: ManifestRegistry,
+                    pool: bool = False) -> dict[str, GameReturns]:
+    """Read several files, map game names to manifests; a game in two files is an error unless `pool`."""
+    out: dict[str, GameReturns] = {}
+    for p in paths:
+        for name, gr in read_raw_scores(p).items():
+            try:
+                canon = registry.get(name).name
+            except ManifestError as e:
+                raise RawScoresError(f"{p}: game '{name}': {e}") from e
+            if canon in out:
+                if not pool:
+                    raise RawScoresError(f"{p}: game '{canon}' is also in {out[canon].source}; "
+                                         f"pass --pool to pool their episodes")
+                prev = out[canon]
+                gr = GameReturns(canon, np.concatenate([prev.returns, gr.returns]), prev.settings,
+                                 f"{prev.source},{p}")
+            out[canon] = GameReturns(canon, gr.returns, gr.settings, gr.source)
+    if not out:
+        raise RawScoresError("no raw-score files given")
+    return out
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+def _aggregates(ns: np.ndarray, trim: float) -> dict[str, np.ndarray]:
+    """Aggregates over the last axis (games) of normalised per-game means."""
+    return {"mean": ns.mean(axis=-1), "median": np.median(ns, axis=-1), "iqm": trim_mean(ns, trim, axis=-1)}
+
+
+def compute_scores(results: dict[str, GameReturns], registry: ManifestRegistry,
+                   cfg: ScoresConfig | None = None) -> dict[str, Any]:
+    """Per-game mean and normalised score, aggregates, bootstrap CIs -> a JSON-friendly report."""
+    cfg = cfg or ScoresConfig()
+    if cfg.ref not in REFS:
+        raise RawScoresError(f"--ref must be one of {sorted(REFS)}, got {cfg.ref!r}")
+    if not 0.0 < cfg.ci < 1.0:
+        raise RawScoresError(f"--ci must be in (0, 1), got {cfg.ci}")
+    names = sorted(results)
+    pairs = [reference_pair(registry.get(g), cfg.ref) for g in names]
+    means = np.array([results[g].returns.mean() for g in names])
+    ns = np.array([normalize(float(m), r, ref) for m, (r, ref) in zip(means, pairs)])
+    agg = _aggregates(ns, cfg.trim)
+
+    # Percentile bootstrap: resample episodes within each game, recompute every per-game mean and aggregate.
+    boot_games = boot_agg = None
+    if cfg.n_boot > 0:
+        rng = np.random.default_rng(cfg.seed)
+        cols = []
+        for g, (r, ref) in zip(names, pairs):
+            x = results[g].returns
+            idx = rng.integers(0, len(x), size=(cfg.n_boot, len(x)))
+            cols.append(normalize(x[idx].mean(axis=1), r, ref))
+        boot_ns = np.stack(cols, axis=1)  # (n_boot, games)
+        q = [(1 - cfg.ci) / 2 * 100, (1 + cfg.ci) / 2 * 100]
+        boot_games = np.percentile(boot_ns, q, axis=0).T  # (games, 2)
+        boot_agg = {k: np.percentile(v, q) for k, v in _aggregates(boot_ns, cfg.trim).items()}
+
+    games = {}
+    for i, g in enumerate(names):
+        x = results[g].returns
+        r, ref = pairs[i]
+        games[g] = {
+            "mean": float(means[i]), "std": float(x.std()), "median": float(np.median(x)),
+            "episodes": int(len(x)), "random": r, "reference": ref, "normalized": float(ns[i]),
+            "normalized_ci": None if boot_games is None else [float(v) for v in boot_games[i]],
+            "above_reference": bool(means[i] > ref), "settings": results[g].settings, "source": results[g].source,
+        }
+    aggregate = {k: {"value": float(v), "ci": None if boot_agg is None else [float(c) for c in boot_agg[k]]}
+                 for k, v in agg.items()}
+    aggregate["above_reference"] = {"value": int(sum(d["above_reference"] for d in games.values())), "ci": None}
+    return {"ref": cfg.ref, "metric": REFS[cfg.ref], "num_games": len(names), "games": games,
+            "aggregate": aggregate,
+            "bootstrap": {"n_boot": cfg.n_boot, "ci": cfg.ci, "seed": cfg.seed, "trim": cfg.trim,
+                          "method": "percentile; episodes resampled within each game"}}
+
+
+def scores_table(report: dict[str, Any]):
+    """A rich table of the report (per game, then the aggregates)."""
+    from rich.table import Table
+
+    metric = report["metric"]
+    t = Table(title=f"{metric} over {report['num_games']} games (reference: {report['ref']})")
+    for col in ("game", "episodes", "mean return", "random", report["ref"], metric, f"{metric} CI"):
+        t.add_column(col, justify="left" if col == "game" else "right")
+
+    def ci(c):
+        return "" if c is None else f"[{c[0]:.3f}, {c[1]:.3f}]"
+
+    for g, d in report["games"].items():
+        t.add_row(g, str(d["episodes"]), f"{d['mean']:.1f}", f"{d['random']:g}", f"{d['reference']:g}",
+                  f"{d['normalized']:.3f}", ci(d["normalized_ci"]))
+    t.add_section()
+    for k in ("mean", "median", "iqm"):
+        a = report["aggregate"][k]
+        t.add_row(f"{k.upper() if k == 'iqm' else k.capitalize()} {metric}", "", "", "", "",
+                  f"{a['value']:.3f}", ci(a["ci"]))
+    t.add_row(f"# above {report['ref']}", "", "", "", "", str(report["aggregate"]["above_reference"]["value"]), "")
+    return t
+
+
+def plot_scores(report: dict[str, Any], path: str | Path, width: int = 720) -> Path:
+    """Horizontal bar chart of per-game normalised scores (with CI whiskers) as a PNG, drawn with Pillow."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from jowa_data.io import atomic_path
+
+    games = sorted(report["games"], key=lambda g: report["games"][g]["normalized"])
+    vals = [report["games"][g]["normalized"] for g in games]
+    cis = [report["games"][g]["normalized_ci"] or [v, v] for g, v in zip(games, vals)]
+    lo = min(0.0, *(c[0] for c in cis))
+    hi = max(1.0, *(c[1] for c in cis))
+    row, left, right, top = 22, 140, 70, 34
+    h = top + row * len(games) + 30
+    img = Image.new("RGB", (width, h), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    plot_w = width - left - right
+
+    def x_of(v: float) -> float:
+        return left + (v - lo) / (hi - lo) * plot_w
+
+    d.text((8, 8), f"{report['metric']} per game (IQM {report['aggregate']['iqm']['value']:.3f}, "
+                   f"median {report['aggregate']['median']['value']:.3f})", fill="black", font=font)
+    for ref_v, color in ((0.0, (150, 150, 150)), (1.0, (200, 60, 60))):
+        d.line([(x_of(ref_v), top - 4), (x_of(ref_v), h - 26)], fill=color, width=1)
+    for i, (g, v, c) in enumerate(zip(games, vals, cis)):
+        y = top + i * row
+        d.text((8, y + 4), g, fill="black", font=font)
+        x0, x1 = sorted((x_of(0.0), x_of(v)))
+        d.rectangle([x0, y + 3, max(x1, x0 + 1), y + row - 3], fill=(70, 110, 190))
+        d.line([(x_of(c[0]), y + row // 2), (x_of(c[1]), y + row // 2)], fill="black", width=1)
+        d.text((x_of(max(v, c[1], 0.0)) + 4, y + 4), f"{v:.2f}", fill="black", font=font)
+    d.text((x_of(0.0) - 3, h - 22), "0", fill="black", font=font)
+    d.text((x_of(1.0) - 3, h - 22), "1", fill="black", font=font)
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
+    return path
