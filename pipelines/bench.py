@@ -473,9 +473,10 @@ def render_table(res: dict[str, Any], console=None) -> None:
     m = res["machine"]
     if m["loaded"] and m["torch_threads"] > 1:
         console.print(f"[yellow]The machine was loaded (1-min load {m['load_avg_start'][0]:.1f} on {m['cores']} cores):"
-                      f" with {m['torch_threads']} torch threads every parallel region waits for descheduled threads,"
-                      " so train/tokenizer/plan wall times are inflated (CPU ms shown beside them); compare with"
-                      " the official figures only on an idle machine, or rerun with --set threads=1.[/yellow]")
+                      f" with {m['torch_threads']} torch threads every parallel region waits (spinning) for descheduled"
+                      " threads, so build/train/tokenizer/plan wall and CPU times are inflated, often several-fold;"
+                      " compare with the official figures only on an idle machine, or rerun with"
+                      " --set threads=1.[/yellow]")
     for s, err in res["errors"].items():
         console.print(f"[red]{s} failed:[/red] {err}")
     console.print("seconds per section: " + ", ".join(f"{k} {v:.0f}" for k, v in res["seconds"].items()))
