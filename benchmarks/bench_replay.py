@@ -77,12 +77,24 @@ def generate(root: Path, rows: int, episode: int, level: int) -> dict:
             "ratio": round(rows * 7056 / path.stat().st_size, 1)}
 
 
+def _peak_rss_kib() -> int:
+    """Peak RSS of this process's own address space. `ru_maxrss` is not: Linux keeps it across execve, so a
+    child started from a big parent (e.g. `jowa bench`, with torch loaded) would report the parent's RSS."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
 def child(root: str, decoder: str, mode: str) -> None:
     """Measure one decoder in this (fresh) process and print a JSON line."""
     from jowa_data import replay
     from jowa_data.npy_stream import check_end, iter_chunks, read_header
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = _peak_rss_kib()
     t0 = time.perf_counter()
     frames = 0
     checksum = 0
@@ -99,7 +111,7 @@ def child(root: str, decoder: str, mode: str) -> None:
             frames += ep.frames.shape[0]
             checksum += int(ep.frames[:, 40, 40].sum())
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = _peak_rss_kib()
     print(json.dumps({"decoder": decoder, "mode": mode, "frames": frames, "seconds": round(dt, 2),
                       "frames_per_s": round(frames / dt), "MB_per_s_decompressed": round(frames * 7056 / dt / 1e6),
                       "peak_rss_MB": round(peak / 1024), "rss_after_import_MB": round(rss0 / 1024),

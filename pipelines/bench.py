@@ -437,7 +437,7 @@ def machine_line(m: dict[str, Any]) -> str:
     end = m.get("load_avg_end")
     warn = f"  LOADED (1-min load {m['load_avg_start'][0]:.1f} on {m['cores']} cores)" if m["loaded"] else ""
     return (f"{m['cpu']}, {m['cores']} cores{' (avx512_bf16)' if m['avx512_bf16'] else ''}, {m['ram_gib']} GiB; "
-            f"torch {m['torch']} ({m['torch_threads']} threads); {gpu}; load avg {load}"
+            f"torch {m['torch']} ({m['torch_threads']} thread{'s' if m['torch_threads'] != 1 else ''}); {gpu}; load avg {load}"
             + (f" -> {end[0]:.2f}" if end else "") + f"; {m['started']}{warn}")
 
 

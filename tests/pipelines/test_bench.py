@@ -75,6 +75,8 @@ def test_all_sections_report_positive_figures(tiny_all):
     # every decoder read every row of the generated file, and they agree
     assert res["results"]["read"]["agree"]
     assert {x["frames"] for x in res["results"]["read"]["results"]} == {3000}
+    # peak RSS is the reader's own address space (not the parent's, which ru_maxrss would carry across exec)
+    assert all(x["peak_rss_MB"] < 1024 for x in res["results"]["read"]["results"])
 
 
 def test_table_renders_every_figure_and_the_machine(tiny_all):
