@@ -49,7 +49,7 @@ from jowa_data.io import atomic_write_json, safe_torch_load
 from jowa_data.manifest import GameManifest
 from jowa_model.checkpoint import FORMAT, load_world_action, model_state, save_world_action
 from jowa_model.losses import LossConfig, action_loss, cql_penalty, world_loss
-from jowa_model.planner import PlannerConfig, beam_search
+from jowa_model.planner import beam_search
 from jowa_model.world_action import WorldActionModel
 from pipelines.dist import pick_device
 from pipelines.pretrain import OptimConfig, RunFiles, autocast_ctx, make_optimizer, set_stage, to_device
@@ -348,77 +348,19 @@ class EvalResult:
         return float(np.mean(self.returns)) if self.returns else float("nan")
 
 
-@torch.no_grad()
 def play_episodes(model: WorldActionModel, tokenizer, manifest: GameManifest, cfg: EvalConfig,
                   autocast_dtype: torch.dtype | None = None, progress: bool = False) -> EvalResult:
-    """Play `cfg.episodes` episodes of the real emulator at once (one batched plan per agent step).
+    """Play `cfg.episodes` episodes of the real emulator at once, through `pipelines.evaluate.play_game`
+    (the one evaluation code path: batched plans, per-env ε, the game's own task id and valid actions).
+    Zero horizon/beam_width/history mean the manifest's values."""
+    from pipelines.evaluate import EvalConfig as GameEvalConfig, play_game
 
-    Frames are encoded by the frozen tokenizer; the planner sees the newest `history` steps of tokens and
-    actions, the game's task id and its valid-action mask, and returns full action ids, mapped to the
-    game's minimal set. (A minimal evaluator for fine-tuning; `jowa eval` is the full one.)
-    """
-    from jowa_data.atari import AtariConfig, AtariEnv
-    from jowa_model.planner import Planner, WorldModelImagination
-
-    p = manifest.planning
-    pcfg = PlannerConfig(kind=cfg.planner, horizon=cfg.horizon or p.horizon, beam_width=cfg.beam_width or p.beam_width)
-    imag = WorldModelImagination(model, autocast_dtype)
-    planner = Planner(imag, pcfg)
-    hist = max(1, min(cfg.history or p.history, planner.context_steps))
-    dev = imag.device
-    n = cfg.episodes
-    full_ids = manifest.full_action_ids  # minimal index -> full id
-    to_min = {int(f): i for i, f in enumerate(full_ids)}
-    envs = [AtariEnv(manifest.ale_rom, AtariConfig(sticky=cfg.sticky, max_frames=cfg.max_frames), seed=cfg.seed + i,
-                     actions=manifest.actions) for i in range(n)]
-    rngs = [np.random.default_rng([cfg.seed, i]) for i in range(n)]
-    tok_dev = next(tokenizer.parameters()).device
-
-    def encode(frames: list[np.ndarray]) -> torch.Tensor:
-        return tokenizer.encode(torch.from_numpy(np.stack(frames)).to(tok_dev)).to(dev)  # (n, 36) long
-
-    tokens = torch.zeros(n, hist, model.cfg.obs_tokens, dtype=torch.long, device=dev)  # newest last
-    acts = torch.zeros(n, max(hist - 1, 0), dtype=torch.long, device=dev)
-    tokens[:, -1] = encode([e.reset() for e in envs])
-    lengths = torch.ones(n, dtype=torch.long)
-    task = torch.full((n,), manifest.task_id, dtype=torch.long, device=dev)
-    masks = model.action_mask_for(task)
-    returns, steps, sent = [0.0] * n, [0] * n, []
-    alive = list(range(n))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(desc=f"eval {manifest.name}", unit="step", leave=False)
-    while alive:
-        idx = torch.tensor(alive)
-        full = planner.plan(tokens[idx], acts[idx], task[idx], masks[idx], lengths[idx]).cpu().tolist()
-        frames, still = [], []
-        for j, i in enumerate(alive):
-            a_full = full[j]
-            if cfg.epsilon and rngs[i].random() < cfg.epsilon:
-                a_full = int(full_ids[rngs[i].integers(len(full_ids))])
-            sent.append(a_full)
-            obs, r, term, trunc = envs[i].step(to_min[a_full])
-            returns[i] += float(r)
-            steps[i] += 1
-            if not (term or trunc):
-                still.append(i)
-                frames.append(obs)
-                if hist > 1:
-                    acts[i] = torch.roll(acts[i], -1)
-                    acts[i, -1] = a_full
-        if still:
-            s = torch.tensor(still)
-            tokens[s] = torch.roll(tokens[s], -1, dims=1)
-            tokens[s, -1] = encode(frames)
-            lengths[s] = (lengths[s] + 1).clamp(max=hist)
-        if bar is not None:
-            bar.update(len(alive))
-        alive = still
-    if bar is not None:
-        bar.close()
-    return EvalResult(returns, steps, sent)
+    gcfg = GameEvalConfig(episodes=cfg.episodes, planner=cfg.planner, horizon=cfg.horizon or None,
+                          beam_width=cfg.beam_width or None, history=cfg.history or None, epsilon=cfg.epsilon,
+                          sticky=cfg.sticky, max_frames=cfg.max_frames, seed=cfg.seed,
+                          precision="bf16" if autocast_dtype == torch.bfloat16 else "fp32")
+    res = play_game(model, tokenizer, manifest, gcfg, progress=progress)
+    return EvalResult(res.returns, res.lengths, [a for ep in res.actions for a in ep])
 
 
 # --------------------------------------------------------------------------------------------- run

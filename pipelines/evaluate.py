@@ -1,0 +1,381 @@
+"""Evaluation on the real Atari emulator: N episodes of a game in lockstep, one batched plan per agent step.
+
+Protocol (paper Table 16, with the official code's bugs fixed, fact sheet §6):
+- `jowa_data.atari.AtariEnv` with sticky actions OFF: grayscale, max-pool of the last 2 of 4 skipped frames,
+  84×84 INTER_AREA, terminal on game over only, no noop starts;
+- an episode is cut at `max_frames` EMULATOR frames (108K = 27K agent steps; the official code capped 108K
+  agent steps, i.e. 432K frames);
+- ε = 0.001: each environment draws from ITS OWN seeded generator every step (the official code made one
+  draw shared by all envs), and a random action is uniform over the game's valid actions;
+- returns are raw (unclipped) sums of the emulator rewards.
+
+Per agent step: ONE `tokenizer.encode` of the frames of the envs still playing and ONE `Planner.plan` over
+them (greedy, beam or MCTS). The planner sees each env's newest `history` steps of tokens and actions,
+left-padded at the episode start via `lengths`, the game's task id and its valid-action mask from the
+manifest (also written into the model's `action_masks` row, so a brand-new game defined by a manifest works),
+and returns full action ids, which are mapped to the game's minimal set for the emulator. Finished envs are
+no longer stepped. Decisions/s = agent decisions / planning wall time (encode and emulator excluded, as the
+official "dec/s" figures).
+
+`evaluate()` plays several games and returns (and writes atomically, after every game) the raw-score JSON
+`pipelines.scores.read_raw_scores` reads. Rerunning with the same checkpoint, tokenizer and settings keeps
+the games already in the file: a killed multi-game run resumes at the game it was playing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from jowa_data.actions import full_to_minimal_table
+from jowa_data.config import config_to_dict
+from jowa_data.errors import ConfigError
+from jowa_data.io import atomic_write_json, sha256_file
+from jowa_data.manifest import GameManifest
+from jowa_model.planner import Planner, PlannerConfig, WorldModelImagination
+
+RAW_FORMAT = "jowa-raw-scores-v1"  # = pipelines.scores.RAW_FORMAT
+PLANNERS = ("greedy", "beam", "mcts")
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 16  # episodes per game, played in lockstep (paper / official: 16)
+    planner: str = "beam"  # greedy | beam (paper Eq. 11) | mcts (appendix F)
+    horizon: int | None = None  # H, imagined steps; None: the manifest's [planning].horizon (Table 17: 2)
+    beam_width: int | None = None  # K; None: the manifest's [planning].beam_width (2 if < 10 actions, else 3-4)
+    history: int | None = None  # context steps given to the model; None: the manifest's [planning].history
+    gamma: float = 0.99  # discount of the planning score (Table 12)
+    num_simulations: int = 20  # MCTS simulations per decision (official eval_MCTS.sh)
+    temperature: float = 0.9  # MCTS prior softmax(Q/t) (appendix F)
+    epsilon: float = 0.001  # probability of a uniform random valid action, per env and step (Table 16)
+    sticky: float = 0.0  # ALE repeat_action_probability (evaluation protocol: none)
+    max_frames: int = 108_000  # EMULATOR frames per episode (Table 16: 108K = 30 min of play)
+    seed: int = 0  # env i uses emulator seed `seed + i` and ε generator SeedSequence([seed, task_id, i])
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the world model and the tokenizer)
+    video_dir: str = ""  # folder for a video of episode 0 of each game (<Game>.gif/.mp4); "" = none
+    video_format: str = "gif"  # gif (Pillow, frames held in memory) | mp4 (OpenCV, streamed to disk)
+    video_max_frames: int = 5000  # agent steps recorded per video (GIF memory: ~34 KB each)
+    manifests: tuple[str, ...] = ()  # manifest folders (empty: the shipped manifests/)
+
+    def validate(self) -> "EvalConfig":
+        if self.episodes < 1:
+            raise ConfigError(f"eval.episodes must be >= 1, got {self.episodes}")
+        if self.planner not in PLANNERS:
+            raise ConfigError(f"eval.planner must be one of {PLANNERS}, got {self.planner!r}")
+        for name, lo in (("horizon", 0), ("beam_width", 1), ("history", 1)):
+            v = getattr(self, name)
+            if v is not None and v < lo:
+                raise ConfigError(f"eval.{name} must be >= {lo} (or unset: the manifest's), got {v}")
+        if not 0.0 <= self.epsilon <= 1.0 or not 0.0 <= self.sticky <= 1.0:
+            raise ConfigError(f"eval.epsilon and eval.sticky must be in [0, 1], got {self.epsilon}, {self.sticky}")
+        if self.max_frames < 1:
+            raise ConfigError(f"eval.max_frames must be >= 1 emulator frame, got {self.max_frames}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"eval.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.video_format not in ("gif", "mp4") or self.video_max_frames < 1:
+            raise ConfigError(f"eval.video_format must be gif or mp4 and video_max_frames >= 1, got "
+                              f"{self.video_format!r}, {self.video_max_frames}")
+        return self
+
+
+@dataclass
+class GameResult:
+    """One game's episodes. `actions` holds every full action id sent to the emulator (for checks)."""
+
+    game: str
+    settings: dict[str, Any]
+    returns: list[float]  # raw (unclipped) return of each episode
+    lengths: list[int]  # agent steps of each episode
+    frames: list[int]  # emulator frames of each episode
+    terminal: list[bool]  # True: game over; False: cut at max_frames
+    random_actions: list[int]  # ε draws that replaced the planner's action, per episode
+    actions: list[list[int]] = field(default_factory=list)  # full action ids sent, per episode
+    decisions: int = 0  # agent decisions (one per live env per step)
+    plan_s: float = 0.0  # wall time inside Planner.plan
+    encode_s: float = 0.0  # wall time inside tokenizer.encode
+    env_s: float = 0.0  # wall time stepping the emulators
+    wall_s: float = 0.0  # whole game
+    video: str | None = None
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.returns)) if self.returns else float("nan")
+
+    @property
+    def decisions_per_s(self) -> float:
+        return self.decisions / self.plan_s if self.plan_s > 0 else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        """The per-game entry of the raw-score JSON (no per-step actions)."""
+        r = np.asarray(self.returns, dtype=np.float64)
+        return {"settings": self.settings, "returns": self.returns, "lengths": self.lengths, "frames": self.frames,
+                "terminal": self.terminal, "random_actions": self.random_actions,
+                "mean": float(r.mean()), "std": float(r.std()), "decisions": self.decisions,
+                "decisions_per_s": _finite(self.decisions_per_s), "plan_s": self.plan_s,
+                "encode_s": self.encode_s, "env_s": self.env_s, "wall_s": self.wall_s, "video": self.video}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+# --------------------------------------------------------------------------------------------- pieces
+
+
+def planner_config(manifest: GameManifest, cfg: EvalConfig) -> PlannerConfig:
+    """The game's planner: the manifest's [planning] values unless `cfg` overrides them."""
+    p = manifest.planning
+    return PlannerConfig(kind=cfg.planner, horizon=p.horizon if cfg.horizon is None else cfg.horizon,
+                         beam_width=p.beam_width if cfg.beam_width is None else cfg.beam_width, gamma=cfg.gamma,
+                         num_simulations=cfg.num_simulations, temperature=cfg.temperature).validate()
+
+
+def epsilon_generators(seed: int, task_id: int, n: int) -> list[np.random.Generator]:
+    """One independent generator per env: env i's draws never depend on how many other envs are alive."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence([seed, task_id]).spawn(n)]
+
+
+def apply_epsilon(actions: np.ndarray, envs: Sequence[int], rngs: Sequence[np.random.Generator], epsilon: float,
+                  valid_ids: np.ndarray) -> np.ndarray:
+    """ε-greedy per env: env `envs[j]` replaces `actions[j]` by a uniform valid full id with probability ε,
+    drawing from its own generator (one draw per step, two when it acts randomly). Returns a bool (len,) of
+    the replaced rows."""
+    replaced = np.zeros(len(envs), dtype=bool)
+    if epsilon <= 0:
+        return replaced
+    for j, i in enumerate(envs):
+        if rngs[i].random() < epsilon:
+            actions[j] = valid_ids[rngs[i].integers(len(valid_ids))]
+            replaced[j] = True
+    return replaced
+
+
+def game_settings(manifest: GameManifest, cfg: EvalConfig, context_steps: int, frame_skip: int = 4) -> dict[str, Any]:
+    """What a game's entry records as its settings (also how a previous result is matched on resume).
+    `history` is the effective one: at most the planner's `context_steps`."""
+    pcfg = planner_config(manifest, cfg)
+    want = manifest.planning.history if cfg.history is None else cfg.history
+    s = {"planner": pcfg.kind, "horizon": pcfg.horizon, "beam_width": pcfg.beam_width,
+         "history": max(1, min(want, context_steps)), "gamma": pcfg.gamma, "epsilon": cfg.epsilon,
+         "sticky": cfg.sticky, "max_frames": cfg.max_frames, "frame_skip": frame_skip, "episodes": cfg.episodes,
+         "seed": cfg.seed, "precision": cfg.precision, "task_id": manifest.task_id, "actions": list(manifest.actions)}
+    if pcfg.kind == "mcts":
+        s |= {"num_simulations": pcfg.num_simulations, "temperature": pcfg.temperature}
+    return s
+
+
+def set_action_mask_rows(model, manifests: Sequence[GameManifest]) -> None:
+    """Write each game's valid-action mask into the model's row for its task id (a new game included)."""
+    masks = model.action_masks.clone()
+    for m in manifests:
+        if not 0 <= m.task_id < masks.shape[0]:
+            raise ConfigError(f"{m.path}: task_id {m.task_id} is outside the model's {masks.shape[0]} tasks")
+        masks[m.task_id] = torch.from_numpy(m.action_mask).to(masks.device)
+    model.set_action_masks(masks)
+
+
+# --------------------------------------------------------------------------------------------- one game
+
+
+@torch.no_grad()
+def play_game(model, tokenizer, manifest: GameManifest, cfg: EvalConfig, progress: bool = False,
+              video_path: str | Path | None = None) -> GameResult:
+    """Play `cfg.episodes` episodes of `manifest`'s game in lockstep (see the module docstring)."""
+    from jowa_data.atari import AtariConfig, AtariEnv
+
+    cfg.validate()
+    t_start = time.perf_counter()
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+    pcfg = planner_config(manifest, cfg)
+    imag = WorldModelImagination(model, dtype)
+    planner = Planner(imag, pcfg)
+    acfg = AtariConfig(sticky=cfg.sticky, max_frames=cfg.max_frames)
+    settings = game_settings(manifest, cfg, planner.context_steps, acfg.frame_skip)
+    hist = settings["history"]
+    dev = imag.device
+    tok_dev = next(tokenizer.parameters()).device
+    n = cfg.episodes
+    valid_ids = manifest.full_action_ids  # (n_min,) minimal index -> full id
+    to_min = full_to_minimal_table(manifest.actions)  # (18,) full id -> minimal index, -1 if invalid
+    mask = torch.from_numpy(manifest.action_mask)
+    envs = [AtariEnv(manifest.ale_rom, acfg, seed=cfg.seed + i, actions=manifest.actions) for i in range(n)]
+    rngs = epsilon_generators(cfg.seed, manifest.task_id, n)
+    res = GameResult(manifest.name, settings, [0.0] * n, [0] * n, [0] * n, [False] * n, [0] * n,
+                     [[] for _ in range(n)])
+
+    def encode(frames: list[np.ndarray]) -> torch.Tensor:
+        t = time.perf_counter()
+        x = torch.from_numpy(np.stack(frames)).to(tok_dev)
+        out = tokenizer.encode(x, dtype=dtype).to(dev)  # (len, 36) long
+        res.encode_s += time.perf_counter() - t
+        return out
+
+    recorder = None
+    if video_path is not None:
+        from pipelines.video import VideoRecorder
+
+        recorder = VideoRecorder(video_path, cfg.video_format, max_frames=cfg.video_max_frames, scale=1)
+    tokens = torch.zeros(n, hist, model.cfg.obs_tokens, dtype=torch.long, device=dev)  # newest last
+    acts = torch.zeros(n, hist - 1, dtype=torch.long, device=dev)
+    t = time.perf_counter()
+    first = [e.reset() for e in envs]
+    res.env_s += time.perf_counter() - t
+    tokens[:, -1] = encode(first)
+    if recorder is not None:
+        recorder.add(envs[0].render_rgb())
+    lengths = torch.ones(n, dtype=torch.long)  # real steps in each env's history
+    task = torch.full((n,), manifest.task_id, dtype=torch.long)
+    masks = mask.expand(n, -1)
+    alive = list(range(n))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=math.ceil(cfg.max_frames / acfg.frame_skip), desc=f"eval {manifest.name}",
+                   unit="step", leave=False, dynamic_ncols=True)
+    try:
+        while alive:
+            idx = torch.tensor(alive)
+            t = time.perf_counter()
+            full = planner.plan(tokens[idx], acts[idx], task[idx], masks[idx], lengths[idx]).cpu().numpy()
+            res.plan_s += time.perf_counter() - t
+            res.decisions += len(alive)
+            replaced = apply_epsilon(full, alive, rngs, cfg.epsilon, valid_ids)
+            minimal = to_min[full]
+            if (minimal < 0).any():  # the planner is given the mask: this is a bug, never a user error
+                raise RuntimeError(f"{manifest.name}: planner chose invalid full actions {full[minimal < 0]}")
+            frames, still, still_act = [], [], []
+            t = time.perf_counter()
+            for j, i in enumerate(alive):
+                obs, r, term, trunc = envs[i].step(int(minimal[j]))
+                res.returns[i] += r
+                res.lengths[i] += 1
+                res.actions[i].append(int(full[j]))
+                res.random_actions[i] += int(replaced[j])
+                if i == 0 and recorder is not None:
+                    recorder.add(envs[0].render_rgb())
+                if term or trunc:
+                    res.frames[i], res.terminal[i] = envs[i].episode_frames, bool(term)
+                else:
+                    still.append(i)
+                    still_act.append(int(full[j]))
+                    frames.append(obs)
+            res.env_s += time.perf_counter() - t
+            if still:
+                s = torch.tensor(still, device=dev)
+                tokens[s] = torch.cat([tokens[s, 1:], encode(frames)[:, None]], 1)
+                if hist > 1:
+                    new_a = torch.tensor(still_act, dtype=torch.long, device=dev)
+                    acts[s] = torch.cat([acts[s, 1:], new_a[:, None]], 1)
+                lengths[s.cpu()] = (lengths[s.cpu()] + 1).clamp(max=hist)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(alive=len(still), mean=f"{np.mean(res.returns):.1f}")
+            alive = still
+    except BaseException:
+        if recorder is not None:
+            recorder.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if recorder is not None:
+        path = recorder.close()
+        res.video = None if path is None else str(path)
+    res.wall_s = time.perf_counter() - t_start
+    return res
+
+
+# --------------------------------------------------------------------------------------------- several games
+
+
+def _load_model(checkpoint_or_model, device: str):
+    if isinstance(checkpoint_or_model, (str, Path)):
+        from jowa_model.checkpoint import load_world_action
+
+        model, _ = load_world_action(checkpoint_or_model, device)
+        return model, {"checkpoint": str(checkpoint_or_model), "checkpoint_sha256": sha256_file(checkpoint_or_model)}
+    return checkpoint_or_model.eval(), {"checkpoint": None, "checkpoint_sha256": None}
+
+
+def _load_tokenizer(tokenizer, device: str):
+    if isinstance(tokenizer, (str, Path)):
+        from jowa_model.tokenizer import load_tokenizer, tokenizer_checksum
+
+        return load_tokenizer(tokenizer, map_location=device), {"tokenizer": str(tokenizer),
+                                                                "tokenizer_checksum": tokenizer_checksum(tokenizer)}
+    return tokenizer.eval(), {"tokenizer": None, "tokenizer_checksum": None}
+
+
+def _previous(out: Path | None, ident: dict[str, Any]) -> dict[str, Any]:
+    """Games of an earlier run of the same checkpoint + tokenizer in `out` (empty if none or different)."""
+    if out is None or not out.is_file() or ident.get("checkpoint_sha256") is None:
+        return {}
+    try:
+        prev = json.loads(out.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return {}  # a foreign or damaged file: it is replaced
+    if not isinstance(prev, dict) or prev.get("format") != RAW_FORMAT:
+        return {}
+    if any(prev.get(k) != ident[k] for k in ("checkpoint_sha256", "tokenizer_checksum")):
+        return {}
+    games = prev.get("games")
+    return games if isinstance(games, dict) else {}
+
+
+def evaluate(checkpoint_or_model, tokenizer, games: Sequence[str | GameManifest], cfg: EvalConfig | None = None,
+             out: str | Path | None = None, progress: bool = False, resume: bool = True) -> dict[str, Any]:
+    """Evaluate a world-action model (checkpoint path or model) on `games` (names, manifest paths, split names
+    or manifests). Returns the raw-score document; with `out`, also writes it atomically after every game.
+    With `resume`, games already in `out` for the same checkpoint, tokenizer and settings are kept."""
+    from jowa_data.manifest import load_manifests
+    from pipelines.dist import pick_device
+
+    cfg = (cfg or EvalConfig()).validate()
+    registry = load_manifests(list(cfg.manifests) or None)
+    manifests: list[GameManifest] = []
+    for g in games:
+        for m in ([g] if isinstance(g, GameManifest) else registry.resolve([g])):
+            if m.name not in {x.name for x in manifests}:
+                manifests.append(m)
+    if not manifests:
+        raise ConfigError("no games to evaluate")
+    device = pick_device(cfg.device)
+    model, ident = _load_model(checkpoint_or_model, device)
+    tok, tok_ident = _load_tokenizer(tokenizer, device)
+    ident |= tok_ident
+    if tok.cfg.vocab_size > model.cfg.obs_vocab:
+        raise ConfigError(f"{ident['tokenizer'] or 'tokenizer'}: {tok.cfg.vocab_size} codes > the model's obs "
+                          f"vocabulary {model.cfg.obs_vocab} ({ident['checkpoint'] or 'model'})")
+    set_action_mask_rows(model, manifests)
+    out = Path(out) if out is not None else None
+    prev = _previous(out, ident) if resume else {}
+    doc: dict[str, Any] = {"format": RAW_FORMAT, **ident, "device": device, "config": config_to_dict(cfg),
+                           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "games": {}, "reused": []}
+    t0 = time.perf_counter()
+    for m in manifests:
+        old = prev.get(m.name)
+        context = model.cfg.max_steps - planner_config(m, cfg).imagined_steps
+        if isinstance(old, dict) and old.get("settings") == game_settings(m, cfg, context):
+            doc["games"][m.name] = old
+            doc["reused"].append(m.name)
+            continue
+        video = Path(cfg.video_dir) / f"{m.name}.{cfg.video_format}" if cfg.video_dir else None
+        res = play_game(model, tok, m, cfg, progress=progress, video_path=video)
+        doc["games"][m.name] = res.to_json()
+        doc["wall_s"] = time.perf_counter() - t0
+        if out is not None:
+            atomic_write_json(out, doc)
+    doc["wall_s"] = time.perf_counter() - t0
+    if out is not None:
+        atomic_write_json(out, doc)
+    return doc
