@@ -359,10 +359,14 @@ class Planner:
         c = min(obs_tokens.shape[1], self.context_steps)
         obs_tokens = obs_tokens[:, -c:]
         actions = actions[:, actions.shape[1] - (c - 1):]
+        cfg = self.cfg
+        greedy = cfg.kind == "greedy" or (cfg.kind == "beam" and (cfg.horizon == 0 or cfg.beam_width == 1))
+        root_q = getattr(self.model, "root_q", None)  # optional: the critic without building a cache
+        if greedy and root_q is not None:
+            return greedy_actions(root_q(obs_tokens, actions, task_ids), masks.to(task_ids.device))
         state, q = self.model.start(obs_tokens, actions, task_ids)
         masks = masks.to(q.device)
-        cfg = self.cfg
-        if cfg.kind == "greedy" or (cfg.kind == "beam" and (cfg.horizon == 0 or cfg.beam_width == 1)):
+        if greedy:
             return greedy_actions(q, masks)
         if cfg.kind == "beam":
             return beam_search(self.model, state, q, masks, cfg.horizon, cfg.beam_width, cfg.gamma).actions
@@ -440,9 +444,18 @@ class WorldModelImagination:
         room = self.cfg.max_tokens if obs_tokens.shape[1] < self.max_steps else seq.shape[1]
         cache = self.model.init_cache(seq.shape[0], max_tokens=room)
         with self._autocast():
-            h = self.model.forward_cached(seq, task_ids, cache)[:, -1]  # (N, D) last obs token
+            h = self.model.forward_cached(seq, task_ids, cache, last_only=True)[:, -1]  # (N, D) last obs token
             q = self.model.q_values(h).float()  # (N, 18)
         return CacheState(cache, task_ids), q
+
+    @torch.no_grad()
+    def root_q(self, obs_tokens, actions, task_ids) -> torch.Tensor:
+        """The critic at the last obs token of the context (N, 18), without building a cache: what a greedy
+        decision needs (one full causal pass; the last block runs only the last query)."""
+        dev = self.device
+        seq = self.interleave(obs_tokens.to(dev).long(), actions.to(dev).long())
+        with self._autocast():
+            return self.model.q_values(self.model.backbone_last(seq, task_ids.to(dev).long())).float()
 
     def select(self, state: CacheState, index: torch.Tensor) -> CacheState:
         index = index.to(state.task_ids.device)
@@ -452,16 +465,16 @@ class WorldModelImagination:
     def step(self, state: CacheState, actions: torch.Tensor):
         m, task = self.model, state.task_ids
         assert state.cache.length % self.cfg.block_size == self.cfg.obs_tokens, "step must follow a full frame"
-        tokens = torch.empty(actions.shape[0], self.cfg.obs_tokens, dtype=torch.long, device=task.device)
+        tokens = torch.empty(self.cfg.obs_tokens, actions.shape[0], dtype=torch.long, device=task.device)
         with self._autocast():
-            h = m.forward_cached(actions.to(task.device).long()[:, None], task, state.cache)[:, 0]  # (B, D)
+            h = m.decode_step(actions.to(task.device).long(), task, state.cache)  # (B, D)
             rewards = m.reward_logits(h).argmax(-1).float() - 1.0  # sign class -> {-1, 0, 1}
             dones = m.end_logits(h).argmax(-1).bool()
             for i in range(self.cfg.obs_tokens):
-                tokens[:, i] = m.obs_logits(h).argmax(-1)  # greedy next obs token
-                h = m.forward_cached(tokens[:, i:i + 1], task, state.cache)[:, 0]
+                torch.argmax(m.obs_logits(h), -1, out=tokens[i])  # greedy next obs token
+                h = m.decode_step(tokens[i], task, state.cache)
             q = m.q_values(h).float()  # (B, 18) at the last obs token
-        return state, Imagined(rewards, dones, tokens, q)
+        return state, Imagined(rewards, dones, tokens.t().contiguous(), q)
 
 
 @dataclass
@@ -473,6 +486,8 @@ class SeqState:
 class RecomputeImagination(WorldModelImagination):
     """Reference without a KV cache: every token re-runs the whole window (the official greedy path, and
     worse). Slow; used to check that the cached path gives the same plans."""
+
+    root_q = None  # greedy goes through `start` too: the reference uses the plain full forward only
 
     @torch.no_grad()
     def _last(self, seq: torch.Tensor, task: torch.Tensor) -> torch.Tensor:

@@ -203,6 +203,9 @@ class CausalSelfAttention(nn.Module):
             vc[:, :, start:start + T] = v
             k, v = kc[:, :, :start + T].to(q.dtype), vc[:, :, :start + T].to(q.dtype)  # (B, H, start+T, hd)
             mask = None
+            if T > 1 and start == 0:  # empty cache: the fused causal kernel, no explicit mask
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+                return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
             if T > 1:  # SDPA's is_causal is top-left aligned; new queries sit at the bottom right
                 pos = torch.arange(start + T, device=x.device)
                 mask = pos <= pos[start:, None]  # (T, start+T): query start+i sees keys 0..start+i
@@ -225,6 +228,33 @@ class Block(nn.Module):
     def forward(self, x, kv=None, start: int = 0):
         x = x + self.attn(self.ln_1(x), kv, start)
         return x + self.mlp(self.ln_2(x))
+
+
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of ONE query per row over all given keys: q (B, H, hd), k/v (B, H, S, hd) -> (B, H*hd)."""
+    B, H, hd = q.shape
+    y = F.scaled_dot_product_attention(q.unsqueeze(2), k.to(q.dtype), v.to(q.dtype))  # (B, H, 1, hd)
+    return y.view(B, H * hd)  # SDPA beats q@k^T+softmax+@v here (0.04 vs 0.06 ms at B=1, 222 keys) and k@q by 4x
+
+
+def _block_last_query(blk: "Block", x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None,
+                      start: int) -> torch.Tensor:
+    """A block over x (B, T, D) that returns only the LAST position's output (B, 1, D) (eval, no dropout).
+    Keys/values of all T positions are computed (and written to `kv` at start.. when given)."""
+    B, T, D = x.shape
+    a = blk.attn
+    H = a.n_head
+    h = blk.ln_1(x)
+    kvt = F.linear(h, a.qkv.weight[D:], a.qkv.bias[D:]).view(B, T, 2, H, D // H).permute(2, 0, 3, 1, 4)
+    q = F.linear(h[:, -1], a.qkv.weight[:D], a.qkv.bias[:D]).view(B, H, D // H)  # (B, H, hd)
+    k, v = kvt[0], kvt[1]  # (B, H, T, hd)
+    if kv is not None:
+        kc, vc = kv
+        kc[:, :, start:start + T] = k
+        vc[:, :, start:start + T] = v
+        k, v = kc[:, :, :start + T], vc[:, :, :start + T]
+    x = x[:, -1] + F.linear(_attend_one(q, k, v), a.proj.weight, a.proj.bias)  # (B, D)
+    return (x + blk.mlp(blk.ln_2(x)))[:, None]
 
 
 def _mlp_head(d: int, out: int) -> nn.Sequential:
@@ -359,16 +389,70 @@ class WorldActionModel(nn.Module):
         return KVCache(torch.zeros(shape, **kw), torch.zeros(shape, **kw), 0)
 
     @torch.no_grad()
-    def forward_cached(self, seq: torch.Tensor, task_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Append seq (B, T) at positions cache.length.. and return their hidden states (B, T, D)."""
+    def forward_cached(self, seq: torch.Tensor, task_ids: torch.Tensor, cache: KVCache,
+                       last_only: bool = False) -> torch.Tensor:
+        """Append seq (B, T) at positions cache.length.. and return their hidden states (B, T, D).
+
+        last_only: return (B, 1, D) for the last position only. The last block then computes keys/values for
+        every position (they go to the cache) but attention and MLP only for the last query: what a planning
+        root needs (the critic at the newest obs token), 1/5 fewer FLOPs for a 4-layer model.
+        """
         start, T = cache.length, seq.shape[1]
         if start + T > cache.max_tokens:
             raise ValueError(f"KV cache full: {start} + {T} tokens > {cache.max_tokens} slots")
+        if T == 1 and not self.training:
+            h = self.decode_step(seq[:, 0], task_ids, cache)
+            return h[:, None]
         x = self.embed(seq, task_ids, start)
+        n = len(self.blocks)
         for i, block in enumerate(self.blocks):
-            x = block(x, (cache.k[i], cache.v[i]), start)
+            if last_only and i == n - 1:
+                x = _block_last_query(block, x, (cache.k[i], cache.v[i]), start)
+            else:
+                x = block(x, (cache.k[i], cache.v[i]), start)
         cache.length = start + T
         return self.ln_f(x)
+
+    @torch.no_grad()
+    def backbone_last(self, seq: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden state (B, D) of the LAST position of a window starting at position 0, without a cache: the
+        greedy critic. Equal to backbone(seq)[:, -1] up to float rounding; the last block runs 1 query."""
+        x = self.embed(seq, task_ids)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return self.ln_f(_block_last_query(self.blocks[-1], x, None, 0))[:, 0]
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, task_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per row, tokens (B,) at position cache.length -> hidden (B, D) after ln_f (eval only).
+
+        The planner's inner loop (37 of these per imagined step): no dropout branches, the token kind is known
+        from the position, embeddings are row lookups, and attention of the single query is two small batched
+        the fused SDPA kernel over the cache slice.
+        """
+        cfg, p = self.cfg, cache.length
+        if p >= cache.max_tokens:
+            raise ValueError(f"KV cache full: {p} + 1 tokens > {cache.max_tokens} slots")
+        is_act = p % cfg.block_size == cfg.obs_tokens
+        x = (self.act_emb if is_act else self.obs_emb).weight[tokens] + self.pos_emb.weight[p]  # (B, D)
+        if cfg.use_task_embed:
+            x = x + (self.task_act_emb if is_act else self.task_obs_emb).weight[task_ids]
+        B, D = x.shape
+        H = cfg.num_heads
+        for i, blk in enumerate(self.blocks):
+            a = blk.attn
+            h = F.layer_norm(x, (D,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
+            qkv = F.linear(h, a.qkv.weight, a.qkv.bias).view(B, 3, H, D // H)
+            kc, vc = cache.k[i], cache.v[i]  # (B, H, max_tokens, hd)
+            kc[:, :, p] = qkv[:, 1]
+            vc[:, :, p] = qkv[:, 2]
+            y = _attend_one(qkv[:, 0], kc[:, :, :p + 1], vc[:, :, :p + 1])  # (B, D)
+            x = x + F.linear(y, a.proj.weight, a.proj.bias)
+            fc, act, out = blk.mlp[0], blk.mlp[1], blk.mlp[2]
+            h = F.layer_norm(x, (D,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
+            x = x + F.linear(act(F.linear(h, fc.weight, fc.bias)), out.weight, out.bias)
+        cache.length = p + 1
+        return F.layer_norm(x, (D,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
 
     # ------------------------------------------------------------------ heads
 

@@ -1,0 +1,98 @@
+"""Inference fast paths of the world-action model agree with the plain full forward: the single-token
+`decode_step`, the last-query-only prefix (`forward_cached(last_only=True)`), the cache-free greedy critic
+(`backbone_last`, `WorldModelImagination.root_q`), in fp32 and under bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jowa_model.planner import Planner, PlannerConfig, RecomputeImagination, WorldModelImagination
+from jowa_model.presets import model_preset
+from jowa_model.world_action import WorldActionModel
+
+torch.set_num_threads(1)
+
+
+def _model(**kw) -> WorldActionModel:
+    torch.manual_seed(0)
+    return WorldActionModel(model_preset("tiny", **kw)).eval()
+
+
+def _seq(B: int, steps: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, 2048, (B, steps, 36), generator=g)
+    act = torch.randint(0, 18, (B, steps, 1), generator=g)
+    return torch.cat([tok, act], -1).view(B, -1)
+
+
+@pytest.mark.parametrize("use_task_embed", [True, False])
+def test_decode_step_equals_full_forward_across_token_kinds(use_task_embed):
+    m = _model(use_task_embed=use_task_embed)
+    B, task = 3, torch.tensor([3, 6, 13])
+    seq = _seq(B, 3)
+    full = m.backbone(seq, task)  # (B, 111, D)
+    cache = m.init_cache(B)
+    m.forward_cached(seq[:, :30], task, cache)
+    outs = [m.decode_step(seq[:, p], task, cache) for p in range(30, 111)]  # crosses two action positions
+    assert cache.length == 111
+    torch.testing.assert_close(torch.stack(outs, 1), full[:, 30:], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_step_full_cache_is_an_error():
+    m = _model()
+    cache = m.init_cache(1, max_tokens=2)
+    m.decode_step(torch.tensor([1]), torch.tensor([0]), cache)
+    m.decode_step(torch.tensor([1]), torch.tensor([0]), cache)
+    with pytest.raises(ValueError, match="KV cache full"):
+        m.decode_step(torch.tensor([1]), torch.tensor([0]), cache)
+
+
+@pytest.mark.parametrize("start", [0, 37])
+def test_last_only_prefix_fills_the_same_cache(start):
+    m = _model()
+    task = torch.tensor([1, 2])
+    seq = _seq(2, 4)[:, :147]
+    ref_cache, fast = m.init_cache(2), m.init_cache(2)
+    if start:
+        m.forward_cached(seq[:, :start], task, ref_cache)
+        m.forward_cached(seq[:, :start], task, fast)
+    ref = m.forward_cached(seq[:, start:], task, ref_cache)
+    last = m.forward_cached(seq[:, start:], task, fast, last_only=True)
+    assert last.shape == (2, 1, m.cfg.embed_dim) and fast.length == ref_cache.length == 147
+    torch.testing.assert_close(last[:, 0], ref[:, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.k, ref_cache.k, atol=1e-5, rtol=1e-5)  # every layer's keys, last one too
+    torch.testing.assert_close(fast.v, ref_cache.v, atol=1e-5, rtol=1e-5)
+
+
+def test_backbone_last_equals_backbone():
+    m = _model()
+    task = torch.tensor([4, 5])
+    seq = _seq(2, 8)[:, :295]
+    torch.testing.assert_close(m.backbone_last(seq, task), m.backbone(seq, task)[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_root_q_equals_start_q_and_greedy_plans_agree():
+    m = _model()
+    world = WorldModelImagination(m)
+    g = torch.Generator().manual_seed(3)
+    obs, act = torch.randint(0, 2048, (3, 8, 36), generator=g), torch.randint(0, 18, (3, 7), generator=g)
+    task, mask = torch.tensor([0, 13, 37]), torch.ones(3, 18, dtype=torch.bool)
+    _, q = world.start(obs, act, task)
+    torch.testing.assert_close(world.root_q(obs, act, task), q, atol=1e-5, rtol=1e-5)
+    cfg = PlannerConfig(kind="greedy")
+    assert Planner(world, cfg).plan(obs, act, task, mask).tolist() == \
+        Planner(RecomputeImagination(m), cfg).plan(obs, act, task, mask).tolist()
+
+
+def test_fast_paths_under_bf16_autocast_stay_close():
+    m = _model()
+    task = torch.tensor([7])
+    seq = _seq(1, 2)
+    full = m.backbone(seq, task)
+    cache = m.init_cache(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m.forward_cached(seq[:, :50], task, cache, last_only=True)
+        h = torch.stack([m.decode_step(seq[:, p], task, cache) for p in range(50, 74)], 1)
+    assert cache.k.dtype == torch.float32
+    torch.testing.assert_close(h.float(), full[:, 50:], atol=0.1, rtol=0.05)
