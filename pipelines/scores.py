@@ -272,8 +272,10 @@ def plot_scores(report: dict[str, Any], path: str | Path, width: int = 720) -> P
     games = sorted(report["games"], key=lambda g: report["games"][g]["normalized"])
     vals = [report["games"][g]["normalized"] for g in games]
     cis = [report["games"][g]["normalized_ci"] or [v, v] for g, v in zip(games, vals)]
-    lo = min(0.0, *(c[0] for c in cis))
-    hi = max(1.0, *(c[1] for c in cis))
+    # Clip the axis at [-1, 5] so one huge score (Atlantis HNS ~175) does not flatten the rest;
+    # clipped bars end at the edge and keep their value as a label.
+    lo = max(-1.0, min(0.0, *(c[0] for c in cis)))
+    hi = min(5.0, max(1.0, *(c[1] for c in cis)))
     row, left, right, top = 22, 140, 70, 34
     h = top + row * len(games) + 30
     img = Image.new("RGB", (width, h), "white")
@@ -282,7 +284,7 @@ def plot_scores(report: dict[str, Any], path: str | Path, width: int = 720) -> P
     plot_w = width - left - right
 
     def x_of(v: float) -> float:
-        return left + (v - lo) / (hi - lo) * plot_w
+        return left + (min(max(v, lo), hi) - lo) / (hi - lo) * plot_w
 
     d.text((8, 8), f"{report['metric']} per game (IQM {report['aggregate']['iqm']['value']:.3f}, "
                    f"median {report['aggregate']['median']['value']:.3f})", fill="black", font=font)
@@ -294,7 +296,8 @@ def plot_scores(report: dict[str, Any], path: str | Path, width: int = 720) -> P
         x0, x1 = sorted((x_of(0.0), x_of(v)))
         d.rectangle([x0, y + 3, max(x1, x0 + 1), y + row - 3], fill=(70, 110, 190))
         d.line([(x_of(c[0]), y + row // 2), (x_of(c[1]), y + row // 2)], fill="black", width=1)
-        d.text((x_of(max(v, c[1], 0.0)) + 4, y + 4), f"{v:.2f}", fill="black", font=font)
+        label = f"{v:.2f}" + (" >" if v > hi else " <" if v < lo else "")
+        d.text((min(x_of(max(v, c[1], 0.0)) + 4, width - right + 4), y + 4), label, fill="black", font=font)
     d.text((x_of(0.0) - 3, h - 22), "0", fill="black", font=font)
     d.text((x_of(1.0) - 3, h - 22), "1", fill="black", font=font)
     path = Path(path)
