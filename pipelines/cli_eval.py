@@ -30,20 +30,22 @@ from jowa_data.cli_util import echo_json, manifests_option, stderr_console, stdo
 @click.option("--seed", type=int, default=0, show_default=True, help="Env i: emulator seed SEED+i, own ε stream.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:i]")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (default: torch's). On a loaded machine 1 is often fastest.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Raw-score JSON to write (after every game; a rerun keeps the games already there).")
 @click.option("--gif", "gif_dir", type=click.Path(file_okay=False), default=None,
               help="Record episode 0 of each game as DIR/<Game>.gif.")
 @click.option("--mp4", "mp4_dir", type=click.Path(file_okay=False), default=None,
               help="Record episode 0 of each game as DIR/<Game>.mp4 (OpenCV encoder).")
-@click.option("--video-frames", type=click.IntRange(min=1), default=5000, show_default=True,
-              help="Agent steps recorded per video.")
+@click.option("--video-frames", type=click.IntRange(min=1), default=2700, show_default=True,
+              help="Agent steps recorded per video (2700 = 3 min of play).")
 @click.option("--fresh", is_flag=True, help="Replay every game even if --out already holds it.")
 @manifests_option
 @click.option("--json", "as_json", is_flag=True, help="Print the raw-score document as JSON.")
 def eval_cmd(checkpoint, more_games, tokenizer, games, episodes, planner, horizon, beam_width, history,
-             num_simulations, epsilon, max_frames, seed, device, precision, out, gif_dir, mp4_dir, video_frames,
-             fresh, manifest_dirs, as_json):
+             num_simulations, epsilon, max_frames, seed, device, precision, threads, out, gif_dir, mp4_dir,
+             video_frames, fresh, manifest_dirs, as_json):
     """Evaluate CHECKPOINT on Atari games with the paper's protocol (no sticky actions, ε=0.001, 108K frames):
     raw (unclipped) returns per episode, decisions/s, optional GIF/MP4 of one episode. Feed --out to `jowa scores`.
     """
@@ -52,6 +54,10 @@ def eval_cmd(checkpoint, more_games, tokenizer, games, episodes, planner, horizo
     from jowa_data.errors import CheckpointError, ConfigError
     from pipelines.evaluate import EvalConfig, evaluate
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     names = [g for arg in (*games, *more_games) for g in arg.split(",") if g]
     if not names:
         raise click.UsageError("give the games to play: --games Pong Phoenix")

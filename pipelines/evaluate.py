@@ -63,7 +63,7 @@ class EvalConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast of the world model and the tokenizer)
     video_dir: str = ""  # folder for a video of episode 0 of each game (<Game>.gif/.mp4); "" = none
     video_format: str = "gif"  # gif (Pillow, frames held in memory) | mp4 (OpenCV, streamed to disk)
-    video_max_frames: int = 5000  # agent steps recorded per video (GIF memory: ~34 KB each)
+    video_max_frames: int = 2700  # agent steps recorded per video: 3 min of play (a GIF holds ~34 KB per frame)
     manifests: tuple[str, ...] = ()  # manifest folders (empty: the shipped manifests/)
 
     def validate(self) -> "EvalConfig":
@@ -353,6 +353,9 @@ def evaluate(checkpoint_or_model, tokenizer, games: Sequence[str | GameManifest]
     model, ident = _load_model(checkpoint_or_model, device)
     tok, tok_ident = _load_tokenizer(tokenizer, device)
     ident |= tok_ident
+    if tok.cfg.tokens_per_frame != model.cfg.obs_tokens:
+        raise ConfigError(f"{ident['tokenizer'] or 'tokenizer'}: {tok.cfg.tokens_per_frame} tokens per frame, but the "
+                          f"model ({ident['checkpoint'] or 'model'}) expects {model.cfg.obs_tokens}")
     if tok.cfg.vocab_size > model.cfg.obs_vocab:
         raise ConfigError(f"{ident['tokenizer'] or 'tokenizer'}: {tok.cfg.vocab_size} codes > the model's obs "
                           f"vocabulary {model.cfg.obs_vocab} ({ident['checkpoint'] or 'model'})")

@@ -44,7 +44,7 @@ def jowa(*args: str):
 def test_acceptance_two_games_json_and_gif(ckpt, tiny_tokenizer_ckpt, tmp_path):
     out, gifs = tmp_path / "eval.json", tmp_path / "gifs"
     r = jowa("eval", ckpt, "--tokenizer", tiny_tokenizer_ckpt, "--games", "Pong", "Phoenix", "--episodes", 2,
-             "--planner", "greedy", "--max-frames", 400, "--out", out, "--gif", gifs, "--json")
+             "--planner", "greedy", "--max-frames", 400, "--out", out, "--gif", gifs, "--threads", 1, "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(out.read_text())
     assert json.loads(r.stdout)["games"] == doc["games"]
