@@ -422,6 +422,21 @@ class WorldActionModel(nn.Module):
             x = block(x)
         return self.ln_f(_block_last_query(self.blocks[-1], x, None, 0))[:, 0]
 
+    def _small_batch_linear(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        """layer(x) for x (B, in); for B <= 2 rows in fp32 inference, x @ W^T through a cached contiguous W^T:
+        MKL's skinny kernel then streams the weight at ~2x the rate of F.linear's (3.3 vs 6.6 ms for 16
+        512x2048 weights at B=1, 5.4 vs 10.7 at B=2; no gain from B=4). Same math, fp32 rounding only."""
+        w = layer.weight
+        if x.shape[0] > 2 or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) \
+                or x.dtype != w.dtype:
+            return F.linear(x, w, layer.bias)
+        cache = self.__dict__.setdefault("_wt_cache", {})  # plain dict: not a buffer, never saved
+        key = id(layer)
+        hit = cache.get(key)
+        if hit is None or hit[0] is not w or hit[1] != w._version:  # weights replaced or updated in place
+            hit = cache[key] = (w, w._version, w.detach().t().contiguous())
+        return torch.addmm(layer.bias, x, hit[2]) if layer.bias is not None else x @ hit[2]
+
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, task_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new token per row, tokens (B,) at position cache.length -> hidden (B, D) after ln_f (eval only).
@@ -439,24 +454,27 @@ class WorldActionModel(nn.Module):
             x = x + (self.task_act_emb if is_act else self.task_obs_emb).weight[task_ids]
         B, D = x.shape
         H = cfg.num_heads
+        lin = self._small_batch_linear
         for i, blk in enumerate(self.blocks):
             a = blk.attn
             h = F.layer_norm(x, (D,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
-            qkv = F.linear(h, a.qkv.weight, a.qkv.bias).view(B, 3, H, D // H)
+            qkv = lin(h, a.qkv).view(B, 3, H, D // H)
             kc, vc = cache.k[i], cache.v[i]  # (B, H, max_tokens, hd)
             kc[:, :, p] = qkv[:, 1]
             vc[:, :, p] = qkv[:, 2]
             y = _attend_one(qkv[:, 0], kc[:, :, :p + 1], vc[:, :, :p + 1])  # (B, D)
-            x = x + F.linear(y, a.proj.weight, a.proj.bias)
-            fc, act, out = blk.mlp[0], blk.mlp[1], blk.mlp[2]
+            x = x + lin(y, a.proj)
             h = F.layer_norm(x, (D,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
-            x = x + F.linear(act(F.linear(h, fc.weight, fc.bias)), out.weight, out.bias)
+            x = x + lin(blk.mlp[1](lin(h, blk.mlp[0])), blk.mlp[2])
         cache.length = p + 1
         return F.layer_norm(x, (D,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
 
     # ------------------------------------------------------------------ heads
 
     def obs_logits(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() == 2 and h.shape[0] <= 2 and not self.training:  # planner inner loop: see _small_batch_linear
+            lin = self._small_batch_linear
+            return lin(F.relu(lin(h, self.head_obs[0])), self.head_obs[2])
         return self.head_obs(h)  # (..., 2048): the next obs token
 
     def reward_logits(self, h: torch.Tensor) -> torch.Tensor:

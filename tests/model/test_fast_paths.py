@@ -26,10 +26,11 @@ def _seq(B: int, steps: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([tok, act], -1).view(B, -1)
 
 
-@pytest.mark.parametrize("use_task_embed", [True, False])
-def test_decode_step_equals_full_forward_across_token_kinds(use_task_embed):
+@pytest.mark.parametrize("use_task_embed,B", [(True, 3), (False, 3), (True, 1), (True, 2)])
+def test_decode_step_equals_full_forward_across_token_kinds(use_task_embed, B):
+    """B <= 2 takes the cached-transposed-weight matmuls, B = 3 F.linear."""
     m = _model(use_task_embed=use_task_embed)
-    B, task = 3, torch.tensor([3, 6, 13])
+    task = torch.tensor([3, 6, 13])[:B]
     seq = _seq(B, 3)
     full = m.backbone(seq, task)  # (B, 111, D)
     cache = m.init_cache(B)
@@ -96,3 +97,16 @@ def test_fast_paths_under_bf16_autocast_stay_close():
         h = torch.stack([m.decode_step(seq[:, p], task, cache) for p in range(50, 74)], 1)
     assert cache.k.dtype == torch.float32
     torch.testing.assert_close(h.float(), full[:, 50:], atol=0.1, rtol=0.05)
+
+
+def test_transposed_weight_cache_follows_weight_updates():
+    m = _model()
+    x = torch.randn(2, m.cfg.embed_dim)
+    layer = m.head_obs[0]
+    with torch.no_grad():
+        torch.testing.assert_close(m._small_batch_linear(x, layer), layer(x), atol=1e-5, rtol=1e-5)
+        layer.weight.mul_(2.0)  # in-place update (an optimizer step): the cached copy must be rebuilt
+        torch.testing.assert_close(m._small_batch_linear(x, layer), layer(x), atol=1e-5, rtol=1e-5)
+        m.load_state_dict(_model().state_dict())  # copy_ into the same tensors
+        torch.testing.assert_close(m._small_batch_linear(x, layer), layer(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.obs_logits(x), m.head_obs(x), atol=1e-5, rtol=1e-5)
