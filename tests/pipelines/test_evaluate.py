@@ -16,7 +16,7 @@ from jowa_data.errors import ConfigError
 from jowa_data.io import sha256_file
 from jowa_data.manifest import load_manifests
 from jowa_model.checkpoint import save_world_action
-from jowa_model.planner import Planner, WorldModelImagination
+from jowa_model.planner import Planner, PlannerConfig, WorldModelImagination
 from jowa_model.presets import model_preset
 from jowa_model.tokenizer import load_tokenizer, tokenizer_checksum
 from jowa_model.world_action import WorldActionModel
@@ -216,3 +216,35 @@ def test_cli_errors(ckpt, tiny_tokenizer_ckpt, tmp_path):
     assert r.exit_code == 2 and "--games" in r.output
     r = jowa(*base, "--games", "Pong", "--gif", tmp_path / "g", "--mp4", tmp_path / "m")
     assert r.exit_code == 2
+
+
+def test_history_matches_a_step_by_step_reference(ckpt, tiny_tokenizer_ckpt):
+    """The batched evaluator's left-padded history (tokens + actions, newest last) gives the same decisions as
+    planning on exactly the real last `history` steps, one env at a time."""
+    from jowa_data.atari import AtariConfig, AtariEnv
+    from jowa_model.checkpoint import load_world_action
+    from pipelines.evaluate import play_game, set_action_mask_rows
+
+    model, _ = load_world_action(ckpt)
+    tok = load_tokenizer(tiny_tokenizer_ckpt)
+    pong = load_manifests().get("Pong")
+    set_action_mask_rows(model, [pong])
+    cfg = EvalConfig(episodes=2, planner="greedy", history=3, epsilon=0.0, max_frames=60)
+    res = play_game(model, tok, pong, cfg)
+
+    planner = Planner(WorldModelImagination(model), PlannerConfig(kind="greedy"))
+    mask, to_min = torch.from_numpy(pong.action_mask)[None], {int(f): i for i, f in enumerate(pong.full_action_ids)}
+
+    def reference(hist: int) -> list[int]:
+        env = AtariEnv(pong.ale_rom, AtariConfig(sticky=0.0, max_frames=60), seed=0, actions=pong.actions)
+        frames, acts = [env.reset()], []
+        for _ in range(15):
+            t = tok.encode(torch.from_numpy(np.stack(frames[-hist:])))[None]  # (1, <=hist, 36): real steps only
+            past = torch.tensor(acts[len(acts) - (t.shape[1] - 1):], dtype=torch.long)[None]
+            a = int(planner.plan(t, past, torch.tensor([39]), mask))
+            acts.append(a)
+            frames.append(env.step(to_min[a])[0])
+        return acts
+
+    assert res.actions[0] == res.actions[1] == reference(3)
+    assert len(set(res.actions[0])) > 1 and reference(1) != reference(3)  # the history matters to this model
