@@ -317,17 +317,20 @@ def _load_tokenizer(tokenizer, device: str):
 
 
 def _previous(out: Path | None, ident: dict[str, Any]) -> dict[str, Any]:
-    """Games of an earlier run of the same checkpoint + tokenizer in `out` (empty if none or different)."""
-    if out is None or not out.is_file() or ident.get("checkpoint_sha256") is None:
+    """Games of an earlier run of the same checkpoint + tokenizer in `out` (empty if none or different).
+    A file there that is not a jowa raw-score file is never overwritten."""
+    if out is None or not out.exists():
         return {}
     try:
         prev = json.loads(out.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return {}  # a foreign or damaged file: it is replaced
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{out}: exists and is not a jowa raw-score file ({e}); choose another --out") from e
     if not isinstance(prev, dict) or prev.get("format") != RAW_FORMAT:
-        return {}
-    if any(prev.get(k) != ident[k] for k in ("checkpoint_sha256", "tokenizer_checksum")):
-        return {}
+        raise ConfigError(f"{out}: exists and is not a jowa raw-score file (no format {RAW_FORMAT!r}); "
+                          "choose another --out")
+    if ident.get("checkpoint_sha256") is None or any(prev.get(k) != ident[k]
+                                                     for k in ("checkpoint_sha256", "tokenizer_checksum")):
+        return {}  # another model's results: replaced by this run's
     games = prev.get("games")
     return games if isinstance(games, dict) else {}
 
@@ -361,7 +364,9 @@ def evaluate(checkpoint_or_model, tokenizer, games: Sequence[str | GameManifest]
                           f"vocabulary {model.cfg.obs_vocab} ({ident['checkpoint'] or 'model'})")
     set_action_mask_rows(model, manifests)
     out = Path(out) if out is not None else None
-    prev = _previous(out, ident) if resume else {}
+    prev = _previous(out, ident)
+    if not resume:
+        prev = {}
     doc: dict[str, Any] = {"format": RAW_FORMAT, **ident, "device": device, "config": config_to_dict(cfg),
                            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "games": {}, "reused": []}
     t0 = time.perf_counter()

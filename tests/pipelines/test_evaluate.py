@@ -189,6 +189,11 @@ def test_rerun_keeps_finished_games(ckpt, tiny_tokenizer_ckpt, tmp_path):
     other = evaluate(ckpt, tiny_tokenizer_ckpt, ["Pong"], EvalConfig(episodes=1, planner="greedy", max_frames=12),
                      out=out)
     assert other["reused"] == [] and other["games"]["Pong"]["lengths"] == [3]
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"my": "notes"}')
+    with pytest.raises(ConfigError, match=r"notes\.json: exists and is not a jowa raw-score file"):
+        evaluate(ckpt, tiny_tokenizer_ckpt, ["Pong"], cfg, out=foreign)
+    assert json.loads(foreign.read_text()) == {"my": "notes"}
 
 
 def test_config_errors(ckpt, tiny_tokenizer_ckpt):
