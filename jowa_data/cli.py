@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from jowa_data.cli_util import JowaGroup, debug_option, echo_json, load_registry, manifests_option, stdout_console
+from jowa_data.cli_util import (JowaGroup, debug_option, echo_json, load_registry, manifests_option,
+                                register_commands, stdout_console)
 
 
 @click.group(cls=JowaGroup)
@@ -37,23 +38,8 @@ def manifests_cmd(manifest_dirs: tuple[str, ...], as_json: bool) -> None:
     stdout_console().print(t)
 
 
-# Sub-commands defined in their own modules register themselves here (keep this list sorted).
-def _register() -> None:
-    import importlib
-
-    for mod in ("jowa_data.cli_record", "jowa_data.cli_replay", "jowa_data.cli_stats", "jowa_data.cli_build"):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:  # that part is not built yet
-                continue
-            raise
-        for cmd in m.COMMANDS:
-            main.add_command(cmd)
-
-
-_register()
-
+# Sub-commands live in their own modules, each exposing COMMANDS.
+register_commands(main, ("jowa_data.cli_build", "jowa_data.cli_record", "jowa_data.cli_replay", "jowa_data.cli_stats"))
 
 if __name__ == "__main__":
     main()

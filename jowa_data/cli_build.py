@@ -6,18 +6,9 @@ from typing import Any
 
 import click
 
-from jowa_data.cli_util import echo_json, load_registry, manifests_option, stderr_console, stdout_console
+from jowa_data.cli_util import (echo_json, load_registry, manifests_option, parse_range, parse_runs, stderr_console,
+                                stdout_console)
 from jowa_data.errors import ConfigError, DatasetError
-
-
-def _range(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    try:
-        a, _, b = value.partition("-")
-        return (int(a), int(b if b else a))
-    except ValueError:
-        raise click.BadParameter(f"expected A-B (e.g. 1-50), got {value!r}")
 
 
 @click.command("build")
@@ -56,13 +47,10 @@ def build_cmd(games, replay_root, tokenizer, out, fmt, scheduler, workers, task_
 
     if fraction is not None and transitions is not None:
         raise ConfigError("give --fraction or --transitions, not both")
-    try:
-        run_list = tuple(int(x) for x in runs.split(",") if x) if runs else None
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated run numbers, got {runs!r}", param_hint="--runs")
+    run_list = parse_runs(runs)
     reg = load_registry(manifest_dirs)
     manifests = reg.resolve(list(games))
-    sel = SubsampleOptions(runs=run_list, num_runs=num_runs, checkpoints=_range(checkpoints),
+    sel = SubsampleOptions(runs=run_list, num_runs=num_runs, checkpoints=parse_range(checkpoints),
                            include_incomplete=include_incomplete, allow_fewer_runs=allow_fewer_runs)
     cfg = BuildConfig(formats=("zarr", "wds") if fmt == "both" else (fmt,), scheduler=scheduler, workers=workers,
                       task_transitions=task_transitions, encode_batch=encode_batch, device=device,

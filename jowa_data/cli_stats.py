@@ -6,28 +6,10 @@ from typing import Any
 
 import click
 
-from jowa_data.cli_util import echo_json, load_registry, manifests_option, stderr_console, stdout_console
+from jowa_data.cli_util import (echo_json, load_registry, manifests_option, parse_range, parse_runs, stderr_console,
+                                stdout_console)
 from jowa_data.errors import ConfigError
 from jowa_data.stats import DEFAULT_STEP_CAP
-
-
-def _parse_runs(value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        return tuple(int(x) for x in value.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated run numbers like 1,2, got {value!r}")
-
-
-def _parse_range(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    try:
-        a, _, b = value.partition("-")
-        return (int(a), int(b if b else a))
-    except ValueError:
-        raise click.BadParameter(f"expected A-B (e.g. 1-50), got {value!r}")
 
 
 @click.command("subsample")
@@ -56,8 +38,8 @@ def subsample_cmd(games: tuple[str, ...], replay_root: str, out: str, runs: str 
         raise ConfigError("give --fraction or --transitions, not both")
     reg = load_registry(manifest_dirs)
     manifests = reg.resolve(list(games))
-    opts = SubsampleOptions(seed=seed, runs=_parse_runs(runs), num_runs=num_runs,
-                            checkpoints=_parse_range(checkpoints), fraction=fraction, transitions=transitions,
+    opts = SubsampleOptions(seed=seed, runs=parse_runs(runs), num_runs=num_runs,
+                            checkpoints=parse_range(checkpoints), fraction=fraction, transitions=transitions,
                             include_incomplete=include_incomplete, allow_fewer_runs=allow_fewer_runs)
     table = build_index(manifests, replay_root, options=opts, progress=not as_json)
     write_index(table, out)

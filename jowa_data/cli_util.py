@@ -29,6 +29,42 @@ class JowaGroup(click.Group):
             ctx.exit(1)
 
 
+def parse_runs(value: str | None) -> tuple[int, ...] | None:
+    """'1,2' -> (1, 2); None stays None (the manifest's runs)."""
+    if value is None:
+        return None
+    try:
+        return tuple(int(x) for x in value.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated run numbers like 1,2, got {value!r}")
+
+
+def parse_range(value: str | None) -> tuple[int, int] | None:
+    """'1-50' -> (1, 50), '7' -> (7, 7); None stays None (the manifest's range)."""
+    if value is None:
+        return None
+    try:
+        a, _, b = value.partition("-")
+        return (int(a), int(b if b else a))
+    except ValueError:
+        raise click.BadParameter(f"expected A-B (e.g. 1-50), got {value!r}")
+
+
+def register_commands(group: click.Group, modules: tuple[str, ...]) -> None:
+    """Add the `COMMANDS` of each module to `group`; a module that does not exist yet is skipped."""
+    import importlib
+
+    for mod in modules:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                continue
+            raise
+        for cmd in m.COMMANDS:
+            group.add_command(cmd)
+
+
 def debug_option(f):
     def cb(ctx: click.Context, _param, value: bool):
         if value:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from jowa_data.cli_util import JowaGroup, debug_option
+from jowa_data.cli_util import JowaGroup, debug_option, register_commands
 
 
 @click.group(cls=JowaGroup)
@@ -13,23 +13,9 @@ def main() -> None:
     """jowa: tokenizer, world-action model, training, planning, evaluation, scores, bench, demo."""
 
 
-def _register() -> None:
-    import importlib
-
-    for mod in ("pipelines.cli_demo", "pipelines.cli_tokenizer", "pipelines.cli_model", "pipelines.cli_train",
-                "pipelines.cli_eval", "pipelines.cli_scores", "pipelines.cli_bench", "pipelines.cli_finetune"):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:  # that part is not built yet
-                continue
-            raise
-        for cmd in m.COMMANDS:
-            main.add_command(cmd)
-
-
-_register()
-
+# Sub-commands live in their own modules, each exposing COMMANDS.
+register_commands(main, ("pipelines.cli_bench", "pipelines.cli_demo", "pipelines.cli_eval", "pipelines.cli_finetune",
+                         "pipelines.cli_model", "pipelines.cli_scores", "pipelines.cli_tokenizer", "pipelines.cli_train"))
 
 if __name__ == "__main__":
     main()
