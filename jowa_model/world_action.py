@@ -142,13 +142,28 @@ def drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     return (lanes < round(p * 65536) - 32768).view(shape)
 
 
+def keep_scale(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Dropout multiplier: 0 with probability p (to 1/65536, same lanes as `drop_mask`), else 1/(1-p), in `dtype`.
+
+    Built with vectorised float ops (int16 -> fp32, clamp, affine) so that dropout is one vectorised multiply
+    forward and one backward: CPU `torch.where`/`masked_fill` and bool compares are scalar loops (4.3 vs 0.9 ms
+    for a 2.8M fp32 tensor, measured). In bf16 the scale rounds to bf16, as in F.dropout on bf16 inputs.
+    """
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2 ** 63), None)
+    thr = round(p * 65536) - 32768  # drop iff lane < thr
+    f = words.view(torch.int16)[:n].to(torch.float32).view(shape)
+    f.clamp_(thr - 0.5, thr).sub_(thr - 0.5).mul_(2.0 / (1.0 - p))  # lane < thr -> 0, else 1/(1-p)
+    return f if dtype == torch.float32 else f.to(dtype)
+
+
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout, with the cheaper `drop_mask` on CPU (elsewhere the native kernel is already fast)."""
+    """F.dropout, with the cheaper `keep_scale` multiplier on CPU (elsewhere the native kernel is already fast)."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    return torch.where(drop_mask(x.shape, p, x.device), 0.0, x) * (1.0 / (1.0 - p))  # where: 1 pass, masked_fill 2
+    return x * keep_scale(x.shape, p, x.dtype, x.device)
 
 
 class Dropout(nn.Module):
@@ -175,9 +190,9 @@ def _attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     for a, b in zip(bounds[:-1], bounds[1:]):
         causal = torch.full((b - a, b), float("-inf"), dtype=q.dtype, device=q.device).triu_(a + 1)  # additive
         att = torch.baddbmm(causal, q[:, a:b], k[:, :b].transpose(1, 2), alpha=1.0 / math.sqrt(hd)).softmax(-1)
-        att = torch.where(drop_mask(att.shape, p, q.device), 0.0, att)  # (B*H, b-a, b)
+        att = att * keep_scale(att.shape, p, att.dtype, q.device)  # (B*H, b-a, b)
         out.append(att @ v[:, :b])  # (B*H, b-a, hd)
-    return torch.cat(out, 1).view(B, H, T, hd) * (1.0 / (1.0 - p))  # 1/(1-p) folded after @ v
+    return torch.cat(out, 1).view(B, H, T, hd)
 
 
 class CausalSelfAttention(nn.Module):

@@ -110,3 +110,19 @@ def test_transposed_weight_cache_follows_weight_updates():
         m.load_state_dict(_model().state_dict())  # copy_ into the same tensors
         torch.testing.assert_close(m._small_batch_linear(x, layer), layer(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(m.obs_logits(x), m.head_obs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_keep_scale_rate_values_and_gradient():
+    from jowa_model.world_action import dropout, keep_scale
+
+    torch.manual_seed(0)
+    k = keep_scale((300, 1000), 0.1, torch.float32, torch.device("cpu"))
+    assert set(k.unique().tolist()) == {0.0, pytest.approx(1 / 0.9)}
+    assert abs((k == 0).float().mean().item() - 0.1) < 0.003
+    assert keep_scale((5,), 0.1, torch.bfloat16, torch.device("cpu")).dtype == torch.bfloat16
+    assert (keep_scale((10_000,), 1e-9, torch.float32, torch.device("cpu")) == 1.0).all()  # p -> 0 keeps all
+    x = torch.randn(4096, requires_grad=True)
+    torch.manual_seed(1)
+    y = dropout(x, 0.5, True)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.where(y == 0, 0.0, 2.0))  # gradient flows through kept units only
