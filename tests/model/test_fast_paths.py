@@ -126,3 +126,50 @@ def test_keep_scale_rate_values_and_gradient():
     y = dropout(x, 0.5, True)
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.where(y == 0, 0.0, 2.0))  # gradient flows through kept units only
+
+
+@pytest.mark.parametrize("keep", [4, 1])
+def test_rolling_greedy_equals_greedy_on_its_own_window(keep):
+    """Decision t uses the newest c_t steps: 1..8 while the window grows, then keep..8 after each rebuild; its
+    actions equal the official greedy planner run on exactly that window."""
+    from jowa_model.planner import RollingGreedy
+
+    m = _model()
+    world = WorldModelImagination(m)
+    actor = RollingGreedy(world, keep=keep)
+    g = torch.Generator().manual_seed(5)
+    n, steps = 2, 14
+    obs = torch.randint(0, 2048, (n, steps, 36), generator=g)
+    task = torch.tensor([13, 37])
+    mask = torch.zeros(n, 18, dtype=torch.bool)
+    mask[:, [0, 1, 3, 4, 11, 12]] = True
+    greedy = Planner(world, PlannerConfig(kind="greedy"))
+    acts = torch.zeros(n, 0, dtype=torch.long)
+    expect_ctx, ctx = [], 0
+    for t in range(steps):
+        a = actor.act(obs[:, t], task, mask, None if t == 0 else acts[:, -1])
+        ctx = 1 if t == 0 else (keep if ctx == 8 else ctx + 1)
+        expect_ctx.append(actor.context_steps)
+        assert actor.context_steps == ctx
+        ref = greedy.plan(obs[:, t + 1 - ctx:t + 1], acts[:, acts.shape[1] - (ctx - 1):], task, mask)
+        assert a.tolist() == ref.tolist()
+        acts = torch.cat([acts, a[:, None]], 1)
+    assert max(expect_ctx) == 8 and expect_ctx.count(8) >= 1
+
+
+def test_rolling_greedy_bad_keep_is_a_config_error():
+    from jowa_data.errors import ConfigError
+    from jowa_model.planner import RollingGreedy
+
+    with pytest.raises(ConfigError, match="keep"):
+        RollingGreedy(WorldModelImagination(_model()), keep=0)
+
+
+def test_bench_plan_reports_rolling_greedy_apart():
+    from pipelines.bench_plan import BenchPlanConfig, bench_plan
+
+    res = bench_plan(cfg=BenchPlanConfig(preset="tiny", reps=1, warmup=0, encode=False, threads=1))
+    roll = res["greedy_rolling"]
+    assert roll["keep"] == 4 and roll["identical_to_official"] is False and roll["decisions_per_s"] > 0
+    assert "greedy_rolling" not in res["ms"]  # never mixed into the official-rule keys
+    assert len(res["load_avg"]) == 3
