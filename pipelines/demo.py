@@ -27,19 +27,20 @@ from jowa_data.io import atomic_write_json
 class DemoConfig:
     games: tuple[str, ...] = ("Phoenix", "SpaceInvaders")  # pretraining games (paper's pretraining split)
     finetune_game: str = "Pong"  # a held-out game (paper appendix D), never seen in pretraining
-    record_steps: int = 6000  # agent steps recorded per pretraining game (run 1)
-    heldout_steps: int = 1500  # agent steps of run 2 per game: held-out segments for the accuracy check
-    finetune_steps_recorded: int = 4000  # agent steps recorded for the fine-tuning game
+    record_steps: int = 4000  # agent steps recorded per pretraining game (run 1)
+    heldout_steps: int = 1200  # agent steps of run 2 per game: held-out segments for the accuracy check
+    finetune_steps_recorded: int = 3000  # agent steps recorded for the fine-tuning game
     capacity: int = 2000  # rows per DQN-Replay checkpoint file (real data: 1,000,000)
     max_episode_steps: int = 1500  # step cap per recorded episode (Dopamine: 27,000)
     policy: str = "random"  # behaviour policy of the recording (random | epsilon:E[:inner] | module:function)
-    tokenizer_steps: int = 300  # tiny tokenizer training steps (batch 32)
-    pretrain_stage1: int = 300  # world-loss steps (M1)
-    pretrain_stage2: int = 300  # joint-loss steps (M2)
+    tokenizer_steps: int = 200  # tiny tokenizer training steps (batch 32)
+    pretrain_stage1: int = 250  # world-loss steps (M1)
+    pretrain_stage2: int = 150  # joint-loss steps (M2)
     batch_size: int = 16  # segments per step
     eval_episodes: int = 2  # episodes per game and planner setting
-    eval_max_frames: int = 6000  # frame cap per evaluation episode (paper: 108,000)
-    finetune_steps: int = 150  # fine-tuning steps (paper: 50,000)
+    eval_max_frames: int = 2000  # frame cap per evaluation episode (paper: 108,000)
+    finetune_steps: int = 60  # fine-tuning steps (paper: 50,000)
+    finetune_transitions: int = 2000  # fine-tuning set size (paper: 5,000)
     seed: int = 0
 
 
@@ -173,12 +174,54 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, console=None) -> di
         imgs = sorted((out / "pretrain" / "images").glob("imagined_*.png"))
         if imgs:
             shutil.copy(imgs[-1], pics / "imagined_rollout.png")
-        last = res["last"]
+        last = rows[-1] if rows else {}  # also right when the run was already complete (resume = no-op)
         return {"checkpoint": res["checkpoint"], "steps": res["step"],
                 **{k: round(v, 4) for k, v in last.items() if isinstance(v, float)}}
 
+    def eval_stage() -> dict[str, Any]:
+        from jowa_data.config import apply_overrides
+        from pipelines.evaluate import EvalConfig, evaluate
+        from pipelines.scores import ScoresConfig, compute_scores, load_raw_scores, plot_scores
+
+        ckpt = summary["pretrain"]["checkpoint"]
+        res: dict[str, Any] = {}
+        for planner in ("greedy", "beam"):
+            ecfg = apply_overrides(EvalConfig(), {
+                "episodes": cfg.eval_episodes, "planner": planner, "max_frames": cfg.eval_max_frames,
+                "seed": cfg.seed, "video_dir": str(pics) if planner == "beam" else ""})
+            raw = out / f"eval_{planner}.json"
+            doc = evaluate(ckpt, tokenizer_path(), [m.name for m in games], ecfg, out=raw, progress=True)
+            rep = compute_scores(load_raw_scores([raw], reg), reg, ScoresConfig(ref="human", n_boot=200,
+                                                                                 seed=cfg.seed))
+            if planner == "beam":
+                plot_scores(rep, pics / "scores_hns.png")
+            res[planner] = {
+                "returns": {g: v["mean"] for g, v in doc["games"].items()},
+                "decisions_per_s": {g: round(v["decisions_per_s"] or 0.0, 2) for g, v in doc["games"].items()},
+                "iqm_hns": round(rep["aggregate"]["iqm"]["value"], 4),
+                "settings": {g: {k: v["settings"].get(k) for k in ("planner", "horizon", "beam_width")}
+                             for g, v in doc["games"].items()}}
+        return res
+
+    def finetune_stage() -> dict[str, Any]:
+        from jowa_data.config import apply_overrides
+        from pipelines.finetune import finetune, finetune_preset
+
+        fcfg = apply_overrides(finetune_preset("tiny"), {
+            "game": ft_game.name, "tokenizer": str(tokenizer_path()), "steps": cfg.finetune_steps, "seed": cfg.seed,
+            "data": {"replay_root": str(replay), "checkpoints": [0, 50], "transitions": cfg.finetune_transitions},
+            "eval": {"every": cfg.finetune_steps, "episodes": cfg.eval_episodes, "max_frames": cfg.eval_max_frames}})
+        ckpt = summary["pretrain"]["checkpoint"]
+        rep = finetune(fcfg, ckpt, out / "finetune")
+        best = rep.get("best") or {}
+        evals = rep.get("evals") or []
+        return {"game": ft_game.name, "task_id": ft_game.task_id, "steps": cfg.finetune_steps,
+                "best_mean_return": best.get("mean"), "best_step": best.get("step"),
+                "eval_means": [e.get("mean") for e in evals], "best": best.get("path")}
+
     stages = [Stage("record", record_stage), Stage("stats", stats_stage), Stage("subsample", index_stage),
-              Stage("tokenizer", tokenizer_stage), Stage("build", build_stage), Stage("pretrain", pretrain_stage)]
+              Stage("tokenizer", tokenizer_stage), Stage("build", build_stage), Stage("pretrain", pretrain_stage),
+              Stage("evaluate", eval_stage), Stage("finetune", finetune_stage)]
     for st in stages:
         summary[st.name] = _timed(st.name, st.fn, console)
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
@@ -187,16 +230,69 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, console=None) -> di
     return summary
 
 
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return str(v)
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(stage, figure, value) rows of the figures people read first; summary.json has everything."""
+    rows: list[tuple[str, str, str]] = []
+    add = lambda st, k, v: rows.append((st, k, v))  # noqa: E731
+    rec = summary.get("record", {})
+    add("record", "agent steps recorded (real ALE)", ", ".join(f"{k} {v}" for k, v in
+                                                             rec.get("recorded_steps", {}).items()))
+    for g, v in summary.get("stats", {}).get("replay", {}).items():
+        add("stats", f"{g}: episodes / transitions / mean clipped return",
+            f"{v['episodes']} / {v['transitions']} / {_fmt(v['return_mean'], 2)}")
+    tok = summary.get("tokenizer", {})
+    add("tokenizer", "recon L1 first -> last", f"{_fmt(tok.get('recon_l1_first'))} -> {_fmt(tok.get('recon_l1_last'))}")
+    add("tokenizer", "codebook perplexity first -> last",
+        f"{_fmt(tok.get('perplexity_first'), 1)} -> {_fmt(tok.get('perplexity_last'), 1)}")
+    b = summary.get("build", {})
+    add("build", "transitions / episodes", f"{b.get('transitions')} / {b.get('episodes')}")
+    add("build", "bytes per frame on disk", ", ".join(f"{k} {v}" for k, v in b.get("bytes_per_frame", {}).items()))
+    add("build", "codebook perplexity per game", ", ".join(f"{g} {v['perplexity']}" for g, v in
+                                                           b.get("codebook", {}).items()))
+    p = summary.get("pretrain", {})
+    add("pretrain", "steps (stage 1 + stage 2)", str(p.get("steps")))
+    add("pretrain", "train loss obs / reward / TD / CQL", " / ".join(_fmt(p.get(f"train/loss_{k}")) for k in
+                                                                    ("obs", "reward", "td", "cql")))
+    add("pretrain", "held-out next-token acc (unigram / copy-last-frame)",
+        f"{_fmt(p.get('eval/token_acc'))} ({_fmt(p.get('eval/token_acc_unigram'))} / "
+        f"{_fmt(p.get('eval/token_acc_copy'))})")
+    add("pretrain", "held-out reward-sign balanced acc (baseline)",
+        f"{_fmt(p.get('eval/reward_balanced_acc'))} ({_fmt(p.get('eval/reward_balanced_acc_baseline'))})")
+    add("pretrain", "tokens/s", _fmt(p.get("perf/tokens_per_s"), 0))
+    for planner, e in summary.get("evaluate", {}).items():
+        if not isinstance(e, dict):
+            continue
+        add("evaluate", f"{planner}: mean return per game",
+            ", ".join(f"{g} {_fmt(v, 1)}" for g, v in e.get("returns", {}).items()))
+        add("evaluate", f"{planner}: decisions/s per game",
+            ", ".join(f"{g} {v}" for g, v in e.get("decisions_per_s", {}).items()))
+        add("evaluate", f"{planner}: IQM HNS", _fmt(e.get("iqm_hns")))
+    f = summary.get("finetune", {})
+    add("finetune", f"{f.get('game')} (task {f.get('task_id')}), {f.get('steps')} steps: eval mean returns",
+        ", ".join(_fmt(x, 1) for x in f.get("eval_means", [])) + f"  (best {_fmt(f.get('best_mean_return'), 1)})")
+    for name, val in summary.items():
+        if isinstance(val, dict) and "seconds" in val:
+            add("time", name, f"{val['seconds']} s")
+    add("time", "total", f"{summary.get('total_seconds')} s")
+    add("pictures", "", ", ".join(summary.get("pictures", [])))
+    return rows
+
+
 def render_summary(summary: dict[str, Any], console) -> None:
-    """The summary people read: one table per stage."""
+    """The summary people read: the key figures of every stage in one table."""
     from rich.table import Table
 
-    t = Table(title="jowa demo summary", show_lines=False)
-    t.add_column("stage")
-    t.add_column("result")
-    for name, val in summary.items():
-        if name in ("config",):
-            continue
-        text = json.dumps(val, sort_keys=True, default=str) if not isinstance(val, str) else val
-        t.add_row(name, text if len(text) < 400 else text[:400] + " …")
+    t = Table(title="jowa demo summary")
+    for col in ("stage", "figure", "value"):
+        t.add_column(col)
+    for row in summary_rows(summary):
+        t.add_row(*row)
     console.print(t)

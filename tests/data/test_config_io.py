@@ -74,3 +74,11 @@ def test_safe_torch_load_refuses_pickled_code(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         safe_torch_load(tmp_path / "missing.pt")
     assert len(sha256_file(p)) == 64
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    target = tmp_path / "x.json"
+    atomic_write_json(target, {})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~mask)
