@@ -52,7 +52,7 @@ from jowa_model.losses import LossConfig, action_loss, cql_penalty, world_loss
 from jowa_model.planner import beam_search
 from jowa_model.world_action import WorldActionModel
 from pipelines.dist import pick_device
-from pipelines.pretrain import OptimConfig, RunFiles, autocast_ctx, make_optimizer, set_stage, to_device
+from pipelines.pretrain import OptimConfig, RunFiles, autocast_ctx, endless, make_optimizer, set_stage, to_device
 
 # --------------------------------------------------------------------------------------------- config
 
@@ -493,7 +493,7 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Path, stop_
 
     params = [p for g in opt.param_groups for p in g["params"]]
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
-    it = iter(stream)
+    it = endless(stream)
     t_last, steps_since = time.perf_counter(), 0
     bar = None
     if progress:
@@ -501,12 +501,7 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Path, stop_
 
         bar = tqdm(total=end, initial=step, desc=f"finetune {manifest.name}", unit="step", dynamic_ncols=True)
     while step < end:
-        try:
-            real = next(it)
-        except StopIteration:
-            it = iter(stream)
-            real = next(it)
-        real = to_device(real, device)
+        real = to_device(next(it), device)
         imagined = None
         if sampler is not None and step >= cfg.imagine.after_steps:
             ctx = to_device(sampler.sample(), device)

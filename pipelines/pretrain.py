@@ -160,6 +160,18 @@ def autocast_ctx(device: str, precision: str):
     return torch.autocast(dev_type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
+def endless(stream):
+    """Batches of `stream` epoch after epoch (the stream advances its own epoch and position)."""
+    while True:
+        n = 0
+        for batch in stream:
+            n += 1
+            yield batch
+        if n == 0:
+            raise ConfigError(f"{getattr(stream, 'dataset_dir', 'stream')}: an epoch yields no batch "
+                              "(fewer segments than one batch): lower the batch size")
+
+
 def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -431,7 +443,7 @@ def _pretrain(cfg: PretrainConfig, run: RunFiles, info: DistInfo, stop_after: in
         b = to_device(src.gather(src.batch_ids(0, 0)), device)
         imagined_rollout_png(model, tokenizer, b, run.images / f"imagined_{s:08d}.png")
 
-    it = iter(stream)
+    it = endless(stream)
     t_last, tokens_since, summary = time.perf_counter(), 0, {}
     end = cfg.total_steps if stop_after is None else min(stop_after, cfg.total_steps)
     while step < end:
@@ -440,12 +452,7 @@ def _pretrain(cfg: PretrainConfig, run: RunFiles, info: DistInfo, stop_after: in
             set_stage(model, stage)
             opt = make_optimizer(model, stage, cfg.optim)
             ddp = wrap(LossModule(model, cfg.loss, info), info)
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(stream)
-            batch = next(it)
-        batch = to_device(batch, device)
+        batch = to_device(next(it), device)
         with autocast_ctx(device, cfg.precision):
             total, terms = ddp(batch, stage)
         opt.zero_grad(set_to_none=True)
