@@ -36,21 +36,27 @@ from jowa_data.errors import JowaError
 from jowa_data.io import atomic_write_json
 
 EVAL_RESERVE_S = 45.0  # seconds kept back for the final held-out evaluation, checkpoint and report
-SAFETY = 0.9  # fraction of the measured step budget actually planned (machine load varies)
+SAFETY = 0.85  # fraction of the measured step budget actually planned (machine load varies)
+STAGE1_SHARE = 0.4  # stage 1's share of the planned steps: it cannot be shortened later, stage 2 can
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, help="work folder (created; rerun to resume)")
-    p.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget of the whole script (default 15)")
-    p.add_argument("--games", default="Phoenix,SpaceInvaders", help="comma-separated pretraining games")
+    p.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget in minutes (default 15)")
+    p.add_argument("--budget-scope", choices=("all", "pretrain"), default="all",
+                   help="what --minutes covers: the whole script (default) or only the pretraining stage")
+    p.add_argument("--games", default="SpaceInvaders,Centipede",
+                   help="comma-separated pretraining games (Centipede: ~9%% of random-play steps are rewarded)")
     p.add_argument("--policy", default="random", help="behaviour policy of the recording (jowa-data record)")
-    p.add_argument("--record-steps", type=int, default=8000, help="agent steps of run 1 per game (training)")
-    p.add_argument("--heldout-steps", type=int, default=2500, help="agent steps of run 2 per game (held out)")
+    p.add_argument("--record-steps", type=int, default=5000, help="agent steps of run 1 per game (training)")
+    p.add_argument("--heldout-steps", type=int, default=1500, help="agent steps of run 2 per game (held out)")
     p.add_argument("--max-episode-steps", type=int, default=2000, help="step cap per recorded episode")
     p.add_argument("--tokenizer", default="", help="reuse this tokenizer.pt instead of training one")
-    p.add_argument("--tokenizer-steps", type=int, default=500, help="tiny tokenizer training steps")
-    p.add_argument("--tokenizer-frames", type=int, default=8000, help="frames the tokenizer trains on (0: all)")
+    p.add_argument("--tokenizer-steps", type=int, default=40, help="tiny tokenizer training steps")
+    p.add_argument("--restart-every", type=int, default=10,
+                   help="dead-code restart period of the tokenizer (0: off); without it a short run keeps ~4 codes")
+    p.add_argument("--tokenizer-frames", type=int, default=4000, help="frames the tokenizer trains on (0: all)")
     p.add_argument("--batch-size", type=int, default=0, help="segments per step (0: the tiny preset's)")
     p.add_argument("--chunk", type=int, default=50, help="steps between budget checks (each one resumes)")
     p.add_argument("--seed", type=int, default=0)
@@ -111,14 +117,17 @@ def tokenizer_stage(a: argparse.Namespace, out: Path, games) -> dict[str, Any]:
         write_index(build_index(games, out / "replay", options=selection(1, a.seed)), index)
     run = out / "tokenizer"
     if not (run / "tokenizer.pt").exists() or not (run / "done.json").exists():
-        tcfg = apply_overrides(tok_preset("tiny"), {"steps": a.tokenizer_steps, "seed": a.seed, "image_every": 0,
-                                                    "ckpt_every": 100, "max_frames": a.tokenizer_frames})
+        over = {"steps": a.tokenizer_steps, "seed": a.seed, "image_every": 0, "ckpt_every": 20,
+                "max_frames": a.tokenizer_frames}
+        if a.restart_every:
+            over |= {"dead_code_restart": True, "dead_code_window": a.restart_every, "restart_every": a.restart_every}
+        tcfg = apply_overrides(tok_preset("tiny"), over)
         res = train_tokenizer(tcfg, run, index=index, replay_root=out / "replay",
                               resume=(run / "checkpoint.pt").exists(), progress=True)
         first, last = res.get("first") or {}, res.get("last") or {}
         atomic_write_json(run / "done.json", {
-            "steps": res.get("steps"), "recon_l1_first": first.get("l1"), "recon_l1_last": last.get("l1"),
-            "perplexity_last": last.get("perplexity")})
+            "steps": res.get("step"), "recon_l1_first": first.get("l1"), "recon_l1_last": last.get("l1"),
+            "perplexity_last": last.get("perplexity"), "usage_last": last.get("usage")})
     return {"path": str(run / "tokenizer.pt"), "trained": True, **json.loads((run / "done.json").read_text())}
 
 
@@ -151,7 +160,7 @@ def pretrain_config(a: argparse.Namespace, out: Path, stage1: int, stage2: int, 
     return apply_overrides(train_preset("tiny"), over)
 
 
-def calibrate(a: argparse.Namespace, out: Path, steps: int = 12) -> float:
+def calibrate(a: argparse.Namespace, out: Path, steps: int = 16) -> float:
     """Seconds per optimizer step under the current load, timed between steps 4 and `steps` of a throwaway
     run in stage 2 (the dearer stage: the Q head trains too), so setup costs do not count."""
     from pipelines.pretrain import pretrain
@@ -174,8 +183,8 @@ def fit_steps(seconds: float, sec_per_step: float, chunk: int) -> int:
 def pretrain_stage(a: argparse.Namespace, out: Path, tokenizer: str, clock: Clock, console: Console) -> dict[str, Any]:
     """Train in chunks of `--chunk` steps, each a resume of the same run with a held-out evaluation at its end.
 
-    Stage 1's length is fixed up front from a calibration (it is part of the run's identity); stage 2's is
-    re-fitted after every chunk to the time that is left, using the measured wall time per step (chunk
+    Stage 1's length is fixed up front from a calibration (it is part of the run's identity), so it gets only
+    STAGE1_SHARE of the planned steps; stage 2's is re-fitted after every chunk to the time that is left, using the measured wall time per step (chunk
     overheads included), so a machine that slows down or speeds up still ends the run on budget.
     """
     from pipelines.pretrain import RunFiles, pretrain
@@ -186,9 +195,10 @@ def pretrain_stage(a: argparse.Namespace, out: Path, tokenizer: str, clock: Cloc
     else:
         sec = calibrate(a, out)
         avail = max(clock.left() - EVAL_RESERVE_S, 0.0)
-        half = max(fit_steps(avail, sec, a.chunk) // 2 // a.chunk * a.chunk, a.chunk)
-        plan = {"sec_per_step_calibrated": round(sec, 4), "budget_s": round(avail), "stage1": half,
-                "stage2_planned": half}
+        total = fit_steps(avail, sec, a.chunk)
+        stage1 = max(int(STAGE1_SHARE * total) // a.chunk * a.chunk, a.chunk)
+        plan = {"sec_per_step_calibrated": round(sec, 4), "budget_s": round(avail), "stage1": stage1,
+                "stage2_planned": max(total - stage1, 0)}
         atomic_write_json(plan_path, plan)
     console.print(f"pretraining plan: {plan['stage1']} + ~{plan['stage2_planned']} steps "
                   f"({plan['sec_per_step_calibrated']:.3f} s/step calibrated, {plan['budget_s']} s available)")
@@ -264,6 +274,8 @@ def render(summary: dict[str, Any], console: Console) -> None:
     t.add_column("baseline", justify="right")
     t.add_column("baseline is")
     rows = [("next-token accuracy", "eval/token_acc", "eval/token_acc_unigram", "most frequent token (unigram)"),
+            ("next-token acc, frames 2..L", "eval/token_acc_later", "eval/token_acc_copy",
+             "copy the previous frame's token"),
             ("reward-sign accuracy", "eval/reward_acc", "eval/reward_acc_majority", "most frequent sign (majority)"),
             ("reward-sign balanced acc", "eval/reward_balanced_acc", "eval/reward_balanced_acc_baseline",
              "1 / classes present (any constant guess)"),
@@ -284,7 +296,8 @@ def render(summary: dict[str, Any], console: Console) -> None:
     for name, c in summary["parameters"].items():
         pt.add_row(name, f"{c['trainable']:,}", f"{c['total']:,}")
     console.print(pt)
-    console.print(f"total wall time {summary['wall_s']} s (budget {summary['budget_s']:.0f} s), "
+    console.print(f"total wall time {summary['wall_s']} s (budget {summary['budget_s']:.0f} s for "
+                  f"{summary['args']['budget_scope']}; stages {summary['stage_s']}), "
                   f"load average at start {summary['loadavg_start']}, at end {summary['loadavg_end']}")
 
 
@@ -296,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     console = Console(stderr=True)
     clock = Clock(a.minutes)
+    t_script = time.perf_counter()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"args": vars(a), "budget_s": clock.budget, "loadavg_start": os.getloadavg()}
@@ -311,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                   ("pretrain", lambda: pretrain_stage(a, out, summary["tokenizer"]["path"], clock, console))]
         summary["stage_s"] = {}
         for name, fn in stages:
+            if name == "pretrain" and a.budget_scope == "pretrain":
+                clock = Clock(a.minutes)  # the budget starts now (the lambda reads `clock` when called)
             console.rule(f"[bold]{name}[/]  ({clock.elapsed():.0f} s elapsed)")
             t = time.perf_counter()
             summary[name] = fn()
@@ -319,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     except JowaError as e:
         console.print(f"[red]error:[/] {e}")
         return 1
-    summary["wall_s"] = round(clock.elapsed(), 1)
+    summary["wall_s"] = round(time.perf_counter() - t_script, 1)
     summary["loadavg_end"] = os.getloadavg()
     atomic_write_json(out / "summary.json", summary)
     if a.json:
