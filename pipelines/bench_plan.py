@@ -50,6 +50,7 @@ class BenchPlanConfig:
     encode: bool = True  # include tokenizer.encode of the new frame in each decision (as the official figures)
     threads: int = 2  # torch intra-op threads (official figures: 2)
     seed: int = 0  # weights and synthetic tokens
+    compile: bool = False  # compiled planning passes (jowa_model.compiled_decode; fp32, batch <= 4; ~40 s/batch)
     rolling_keep: int = 4  # also time RollingGreedy(keep) (NOT the official rule; reported apart); 0 = skip
 
 
@@ -75,7 +76,7 @@ def bench_plan(ckpt: str | Path | None = None, cfg: BenchPlanConfig | None = Non
     game = (registry or load_manifests()).get(cfg.game)
     model = _load_model(ckpt, cfg.preset)
     amp = torch.bfloat16 if cfg.dtype == "bfloat16" else None
-    world = WorldModelImagination(model, autocast_dtype=amp)
+    world = WorldModelImagination(model, autocast_dtype=amp, compile=cfg.compile)
     tokenizer = None
     if cfg.encode:
         from jowa_model.tokenizer import Tokenizer, tokenizer_preset
@@ -160,7 +161,7 @@ def bench_plan(ckpt: str | Path | None = None, cfg: BenchPlanConfig | None = Non
     out["load_avg"] = list(os.getloadavg())
     out["settings"] = {"ckpt": str(ckpt) if ckpt else None, "preset": cfg.preset, "game": cfg.game,
                        "task_id": game.task_id, "valid_actions": int(mask.sum()), "history": cfg.history,
-                       "dtype": cfg.dtype, "encode": cfg.encode, "threads": cfg.threads, "reps": cfg.reps,
+                       "dtype": cfg.dtype, "encode": cfg.encode, "compile": cfg.compile, "threads": cfg.threads, "reps": cfg.reps,
                        "warmup": cfg.warmup, "torch": torch.__version__,
                        "planners": {k: vars(v) for k, v in PLANNERS.items()}}
     return out
