@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -104,11 +104,17 @@ class KVCache:
 
     One tensor per K and V (not per layer) so that beam bookkeeping is a single tensor op.
     `length` is the number of filled positions, equal for every row (beams advance together).
+    Optional sharing info (set by the planner after a root pass): positions < `shared` hold the same keys/values
+    in every row of a group (`groups` (B,): the root row each row descends from). Single-token passes then read
+    that shared prefix once per group instead of once per row (`rows_per_group`).
     """
 
     k: torch.Tensor
     v: torch.Tensor
     length: int = 0
+    shared: int = 0  # positions [0, shared) are equal within a group; 0 = nothing known to be shared
+    groups: torch.Tensor | None = None  # (B,) long group (root row) of each row
+    _rpg: int | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -118,16 +124,33 @@ class KVCache:
     def max_tokens(self) -> int:
         return self.k.shape[3]
 
+    def _rows(self, k: torch.Tensor, v: torch.Tensor, groups: torch.Tensor | None) -> "KVCache":
+        return KVCache(k, v, self.length, self.shared if groups is not None else 0, groups)
+
     def repeat_interleave(self, repeats: int) -> "KVCache":
         """Row i becomes rows i*r .. i*r+r-1 (children of beam node i)."""
-        return KVCache(self.k.repeat_interleave(repeats, dim=1), self.v.repeat_interleave(repeats, dim=1), self.length)
+        g = None if self.groups is None else self.groups.repeat_interleave(repeats)
+        return self._rows(self.k.repeat_interleave(repeats, dim=1), self.v.repeat_interleave(repeats, dim=1), g)
 
     def index_select(self, idx: torch.Tensor) -> "KVCache":
         """Keep/reorder rows (surviving beams); idx (B',) long."""
-        return KVCache(self.k.index_select(1, idx), self.v.index_select(1, idx), self.length)
+        g = None if self.groups is None else self.groups[idx.to(self.groups.device)]
+        return self._rows(self.k.index_select(1, idx), self.v.index_select(1, idx), g)
 
     def clone(self) -> "KVCache":
-        return KVCache(self.k.clone(), self.v.clone(), self.length)
+        return self._rows(self.k.clone(), self.v.clone(), None if self.groups is None else self.groups.clone())
+
+    def rows_per_group(self) -> int:
+        """R when the rows form equal consecutive blocks of R rows that each lie in one group (so the shared
+        prefix of block b is row b*R's), else 0. Computed once per cache object."""
+        if self._rpg is None:
+            g, self._rpg = self.groups, 0
+            if g is not None and self.shared > 0 and g.numel() == self.batch_size:
+                n = int((g[1:] != g[:-1]).sum()) + 1  # blocks of equal consecutive ids
+                r = g.numel() // n
+                if g.numel() % n == 0 and bool((g.view(n, r) == g[::r, None]).all()):
+                    self._rpg = r
+        return self._rpg
 
 
 # ---------------------------------------------------------------------------------------------- backbone
@@ -250,6 +273,28 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
     B, H, hd = q.shape
     y = F.scaled_dot_product_attention(q.unsqueeze(2), k.to(q.dtype), v.to(q.dtype))  # (B, H, 1, hd)
     return y.view(B, H * hd)  # SDPA beats q@k^T+softmax+@v here (0.04 vs 0.06 ms at B=1, 222 keys) and k@q by 4x
+
+
+SHARED_ATTENTION_MIN_ROWS = 8  # rows per group from which the shared-prefix attention pays (measured below)
+
+
+def _attend_shared_prefix(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, p: int, shared: int,
+                          rows: int) -> torch.Tensor:
+    """`_attend_one` over cache positions 0..p when positions < `shared` are equal within blocks of `rows`
+    consecutive rows: the prefix keys/values are read once per block (row b*rows's), as one matmul for the
+    block's queries, and only the suffix per row; one softmax over both parts. Same result up to rounding.
+    A 40M imagined step at B=16 (one root, 221-token prefix): 700 -> 526 ms CPU; B=9: 533 -> 479 (1 thread)."""
+    B, H, hd = q.shape
+    G, P = B // rows, shared
+    kp, vp = kc[::rows, :, :P], vc[::rows, :, :P]  # (G, H, P, hd) views, no copy
+    ks, vs = kc[:, :, P:p + 1], vc[:, :, P:p + 1]  # (B, H, S, hd)
+    sp = torch.matmul(q.view(G, rows, H, hd).transpose(1, 2), kp.transpose(-1, -2).to(q.dtype))  # (G, H, R, P)
+    ss = torch.matmul(q.unsqueeze(2), ks.transpose(-1, -2).to(q.dtype))  # (B, H, 1, S)
+    w = torch.cat([sp.transpose(1, 2).reshape(B, H, P), ss.view(B, H, -1)], -1).mul_(1.0 / math.sqrt(hd))
+    w = w.softmax(-1)
+    yp = torch.matmul(w[..., :P].reshape(G, rows, H, P).transpose(1, 2), vp.to(q.dtype))  # (G, H, R, hd)
+    ys = torch.matmul(w[..., P:].unsqueeze(2), vs.to(q.dtype)).view(B, H, hd)
+    return (yp.transpose(1, 2).reshape(B, H, hd) + ys).reshape(B, H * hd)
 
 
 def _block_last_query(blk: "Block", x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None,
@@ -470,6 +515,7 @@ class WorldActionModel(nn.Module):
         B, D = x.shape
         H = cfg.num_heads
         lin = self._small_batch_linear
+        rpg = cache.rows_per_group() if p >= cache.shared else 0
         for i, blk in enumerate(self.blocks):
             a = blk.attn
             h = F.layer_norm(x, (D,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
@@ -477,7 +523,10 @@ class WorldActionModel(nn.Module):
             kc, vc = cache.k[i], cache.v[i]  # (B, H, max_tokens, hd)
             kc[:, :, p] = qkv[:, 1]
             vc[:, :, p] = qkv[:, 2]
-            y = _attend_one(qkv[:, 0], kc[:, :, :p + 1], vc[:, :, :p + 1])  # (B, D)
+            if rpg >= SHARED_ATTENTION_MIN_ROWS:
+                y = _attend_shared_prefix(qkv[:, 0], kc, vc, p, cache.shared, rpg)  # (B, D)
+            else:
+                y = _attend_one(qkv[:, 0], kc[:, :, :p + 1], vc[:, :, :p + 1])  # (B, D)
             x = x + lin(y, a.proj)
             h = F.layer_norm(x, (D,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
             x = x + lin(blk.mlp[1](lin(h, blk.mlp[0])), blk.mlp[2])

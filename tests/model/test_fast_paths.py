@@ -173,3 +173,28 @@ def test_bench_plan_reports_rolling_greedy_apart():
     assert roll["keep"] == 4 and roll["identical_to_official"] is False and roll["decisions_per_s"] > 0
     assert "greedy_rolling" not in res["ms"]  # never mixed into the official-rule keys
     assert len(res["load_avg"]) == 3
+
+
+def test_shared_prefix_attention_equals_full_forward():
+    """Rows descending from 2 roots in blocks of 8 read the roots' prefix once; hidden states still equal
+    each row's own full forward. An irregular layout (blocks of 3 and 5) falls back to per-row attention."""
+    m = _model()
+    world = WorldModelImagination(m)
+    g = torch.Generator().manual_seed(7)
+    obs, act = torch.randint(0, 2048, (2, 2, 36), generator=g), torch.randint(0, 18, (2, 1), generator=g)
+    task = torch.tensor([3, 9])
+    state, _ = world.start(obs, act, task)
+    assert state.cache.shared == 73 and state.cache.groups.tolist() == [0, 1]
+    nxt = torch.randint(0, 18, (16,), generator=g)
+    prefix = WorldModelImagination.interleave(obs, act)  # (2, 73)
+    for rows, expect_rpg in [(torch.arange(2).repeat_interleave(8), 8), (torch.tensor([0] * 3 + [1] * 5), 0)]:
+        st = world.select(state, rows)
+        assert st.cache.rows_per_group() == expect_rpg
+        B = rows.numel()
+        h = m.decode_step(nxt[:B], st.task_ids, st.cache)
+        h2 = m.decode_step(nxt[:B].flip(0), st.task_ids, st.cache)  # a second pass: suffix of 2
+        for r in range(B):
+            seq = torch.cat([prefix[rows[r]], nxt[r:r + 1], nxt[:B].flip(0)[r:r + 1]])[None]
+            ref = m.backbone(seq, task[rows[r]][None])[0]
+            torch.testing.assert_close(h[r], ref[-2], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(h2[r], ref[-1], atol=1e-5, rtol=1e-5)
