@@ -23,6 +23,12 @@ Planner API (KV cache; exact: cached incremental forward == full forward, see te
   model.obs_logits(h) (.., 2048) · model.reward_logits(h) (.., 3) · model.end_logits(h) (.., 2)
   model.q_values(h, action_mask) (.., 18): expected Q of the ensemble-mean C51 distribution, -inf where
       action_mask is False.  model.action_mask_for(task_ids) -> (B, 18) bool from the buffer.
+
+Inference fast paths (eval mode, no grad; equal to the plain forward up to float rounding, see tests):
+  model.decode_step(tokens (B,), task_ids, cache) -> (B, D)   one token per row (forward_cached uses it at T=1)
+  model.forward_cached(seq, task_ids, cache, last_only=True)   last block runs only the last query (roots)
+  model.backbone_last(seq, task_ids) -> (B, D)                 the greedy critic's input, no cache
+  cache.shared / cache.groups: a planning root's context is read once per block of >= 8 rows
 """
 
 from __future__ import annotations

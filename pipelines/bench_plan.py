@@ -8,6 +8,11 @@ the paper-size tokenizer (random weights) + `Planner.plan` over the history (whi
 `encode_ms` is also reported, so token-path-only numbers can be compared with the official component latencies.
 `greedy_rolling` (RollingGreedy: incremental cache, rebuilt from the newest `keep` steps when full) is a faster
 greedy that does NOT reproduce the official sliding window; it is reported apart and never in the headline keys.
+`compile=True` uses the opt-in compiled planning passes (jowa_model.compiled_decode: same tokens, a cold compile of
+~30-45 s per batch size that the warm-up decisions absorb; inductor caches it on disk).
+
+Like-for-like on a shared machine: `cpu_ms` (process CPU time per decision, all threads) inflates much less with
+the load than wall time; with 1 thread it is the stand-in for an idle machine's wall time at 1 thread.
 """
 
 from __future__ import annotations
