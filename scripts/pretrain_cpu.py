@@ -161,8 +161,8 @@ def pretrain_config(a: argparse.Namespace, out: Path, stage1: int, stage2: int, 
 
 
 def calibrate(a: argparse.Namespace, out: Path, steps: int = 16) -> float:
-    """Seconds per optimizer step under the current load, timed between steps 4 and `steps` of a throwaway
-    run in stage 2 (the dearer stage: the Q head trains too), so setup costs do not count."""
+    """Seconds per optimizer step under the current load: the median step time over steps 5..`steps` of a
+    throwaway run in stage 2 (the dearer stage: the Q head trains too), so setup costs do not count."""
     from pipelines.pretrain import pretrain
 
     scratch = out / "_calibrate"
@@ -172,7 +172,8 @@ def calibrate(a: argparse.Namespace, out: Path, steps: int = 16) -> float:
     times: dict[int, float] = {}
     pretrain(cfg, scratch, on_step=lambda s, row: times.__setitem__(s, time.perf_counter()))
     shutil.rmtree(scratch, ignore_errors=True)
-    return (times[steps] - times[4]) / (steps - 4)
+    gaps = sorted(times[i + 1] - times[i] for i in range(4, steps))
+    return gaps[len(gaps) // 2]  # the median: one load spike on the shared machine must not size the whole run
 
 
 def fit_steps(seconds: float, sec_per_step: float, chunk: int) -> int:
@@ -184,8 +185,9 @@ def pretrain_stage(a: argparse.Namespace, out: Path, tokenizer: str, clock: Cloc
     """Train in chunks of `--chunk` steps, each a resume of the same run with a held-out evaluation at its end.
 
     Stage 1's length is fixed up front from a calibration (it is part of the run's identity), so it gets only
-    STAGE1_SHARE of the planned steps; stage 2's is re-fitted after every chunk to the time that is left, using the measured wall time per step (chunk
-    overheads included), so a machine that slows down or speeds up still ends the run on budget.
+    STAGE1_SHARE of the planned steps; stage 2's is re-fitted after every chunk to the time that is left, using
+    the measured wall time per step (chunk overheads included), so a machine that slows down or speeds up still
+    ends the run on budget.
     """
     from pipelines.pretrain import RunFiles, pretrain
 
