@@ -211,10 +211,13 @@ def pretrain_stage(a: argparse.Namespace, out: Path, tokenizer: str, clock: Cloc
     t_start, start_step, res = time.perf_counter(), step, None
     while step < stage1 + stage2:
         target = min(step + a.chunk, stage1 + stage2)
+        t_chunk = time.perf_counter()
         res = pretrain(pretrain_config(a, out, stage1, stage2, tokenizer), run.root, stop_after=target)
+        last_pace = (time.perf_counter() - t_chunk) / max(target - step, 1)
         step = target
-        if step >= stage1:  # re-fit stage 2 to the time left, at the measured pace
-            sec = (time.perf_counter() - t_start) / max(step - start_step, 1)
+        if step >= stage1:  # re-fit stage 2 to the time left, at the measured pace (the slower of the whole
+            # run's and the last chunk's: the load on a shared machine changes within minutes)
+            sec = max((time.perf_counter() - t_start) / max(step - start_step, 1), last_pace)
             stage2 = step - stage1 + fit_steps(clock.left() - EVAL_RESERVE_S, sec, a.chunk)
             plan["stage2_final"] = stage2
             atomic_write_json(plan_path, plan)
