@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from jowa_data.config import config_to_dict
+from jowa_data.config import config_from_dict, config_to_dict
 from jowa_data.errors import CheckpointError, ConfigError
 from jowa_data.io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
 from jowa_model.checkpoint import FORMAT, model_state
@@ -370,7 +370,9 @@ def _pretrain(cfg: PretrainConfig, run: RunFiles, info: DistInfo, stop_after: in
         ckpt = safe_torch_load(latest)
         if ckpt.get("format") != FORMAT or "train" not in ckpt:
             raise CheckpointError(f"{latest}: not a jowa pretraining checkpoint")
-        _check_resume_config(json.loads(ckpt["train"]["config"]), cfg_dict, latest)
+        # through the dataclass: fields added to the config since the checkpoint was written take their defaults
+        saved = config_to_dict(config_from_dict(PretrainConfig, json.loads(ckpt["train"]["config"])))
+        _check_resume_config(saved, cfg_dict, latest)
         model.load_state_dict(ckpt["model"])
         step = int(ckpt["train"]["step"])
         stream.load_state_dict(ckpt["train"]["stream"])
