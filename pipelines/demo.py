@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -33,15 +34,26 @@ class DemoConfig:
     capacity: int = 2000  # rows per DQN-Replay checkpoint file (real data: 1,000,000)
     max_episode_steps: int = 1500  # step cap per recorded episode (Dopamine: 27,000)
     policy: str = "random"  # behaviour policy of the recording (random | epsilon:E[:inner] | module:function)
-    tokenizer_steps: int = 200  # tiny tokenizer training steps (batch 32)
-    pretrain_stage1: int = 250  # world-loss steps (M1)
-    pretrain_stage2: int = 150  # joint-loss steps (M2)
+    tokenizer_steps: int = 400  # tiny tokenizer training steps (batch 32)
+    pretrain_stage1: int = 400  # world-loss steps (M1)
+    pretrain_stage2: int = 300  # joint-loss steps (M2)
     batch_size: int = 16  # segments per step
     eval_episodes: int = 2  # episodes per game and planner setting
     eval_max_frames: int = 2000  # frame cap per evaluation episode (paper: 108,000)
-    finetune_steps: int = 60  # fine-tuning steps (paper: 50,000)
+    finetune_steps: int = 80  # fine-tuning steps (paper: 50,000)
     finetune_transitions: int = 2000  # fine-tuning set size (paper: 5,000)
     seed: int = 0
+    threads: int = 0  # torch CPU threads; 0 = auto: all cores on an idle machine, 1 when it is busy
+
+
+def pick_threads(requested: int) -> int:
+    """Threads for torch. On a busy machine OpenMP threads spin-wait for each other and a 2-thread run can be
+    10x slower than a 1-thread one (measured here), so `auto` takes 1 thread when the load is high."""
+    if requested > 0:
+        return requested
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return cores if load < 0.5 * cores else 1
 
 
 @dataclass
@@ -63,13 +75,18 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, console=None) -> di
     """Run every stage into `out`; return (and write) the summary."""
     from rich.console import Console
 
+    import torch
+
     cfg = cfg or DemoConfig()
     console = console or Console(stderr=True)
+    threads = pick_threads(cfg.threads)
+    torch.set_num_threads(threads)
+    console.print(f"torch threads: {threads} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pics = out / "pictures"
     pics.mkdir(exist_ok=True)
-    summary: dict[str, Any] = {"config": config_to_dict(cfg)}
+    summary: dict[str, Any] = {"config": config_to_dict(cfg), "threads": threads}
     t0 = time.perf_counter()
 
     from jowa_data.manifest import load_manifests
