@@ -11,7 +11,10 @@ Costs and limits, why it is opt-in (`WorldModelImagination(model, compile=True)`
   * a cold compile of ~30-45 s per batch size (inductor caches it on disk for later processes);
   * "freezing" bakes the weights into the compiled code: any weight update (fine-tuning between plans) is
     detected by parameter identity + version and triggers a rebuild (another compile);
-  * fp32 only (under autocast the eager path runs); batches above `max_batch` use the eager path.
+  * fp32 only (under autocast the eager path runs); batches above `max_batch` use the eager path;
+  * measured at 1 thread. With 2 threads on a machine whose other core is busy, the many short parallel
+    regions of the compiled kernels stall on OpenMP barriers (one run: 10 s per K=4 decision), so prefer 1 thread
+    per process (or an idle machine) with it.
 The attention over the cache stays eager (its length changes every pass); only the per-layer Linear/LayerNorm/
 MLP parts and the obs head are compiled, each for a fixed batch size.
 """
