@@ -10,23 +10,14 @@ from jowa_data import actions as A
 from jowa_data.cli import main as cli
 from jowa_data.errors import ManifestError
 from jowa_data.manifest import load_manifest, load_manifests
+from tests.fixtures_data import BREAKOUT_TOML
 
 PAPER_PRETRAIN = {"Phoenix", "Centipede", "SpaceInvaders", "Carnival", "NameThisGame", "Assault", "Atlantis",
                   "DemonAttack", "BeamRider", "ChopperCommand", "Seaquest", "TimePilot", "StarGunner", "Berzerk",
                   "Zaxxon"}
 PAPER_HELDOUT = {"Pong", "Robotank", "YarsRevenge", "Gravitar", "MsPacman"}
 
-GOOD = """
-name = "Breakout"
-ale_rom = "breakout"
-split = "other"
-task_id = 13
-actions = ["NOOP", "FIRE", "RIGHT", "LEFT"]
-[scores]
-random = 1.7
-human = 30.5
-dqn = 401.2
-"""
+GOOD = BREAKOUT_TOML  # one definition of the new-game manifest, shared with the recording fixtures
 
 
 def write(tmp_path: Path, text: str, name: str = "Breakout") -> Path:
