@@ -99,12 +99,7 @@ class CompiledDecoder:
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, task_ids: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
         m, cfg, p = self.model, self.model.cfg, cache.length
-        if p >= cache.max_tokens:
-            raise ValueError(f"KV cache full: {p} + 1 tokens > {cache.max_tokens} slots")
-        is_act = p % cfg.block_size == cfg.obs_tokens
-        x = (m.act_emb if is_act else m.obs_emb).weight[tokens] + m.pos_emb.weight[p]  # (B, D)
-        if cfg.use_task_embed:
-            x = x + (m.task_act_emb if is_act else m.task_obs_emb).weight[task_ids]
+        x = m.embed_next(tokens, task_ids, cache)  # (B, D)
         B, D = x.shape
         H = cfg.num_heads
         pre, post, final = self._get(B)

@@ -503,6 +503,17 @@ class WorldActionModel(nn.Module):
             hit = cache[key] = (w, w._version, w.detach().t().contiguous())
         return torch.addmm(layer.bias, x, hit[2]) if layer.bias is not None else x @ hit[2]
 
+    def embed_next(self, tokens: torch.Tensor, task_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Embedding (B, D) of one new token per row at position cache.length (its kind follows the position)."""
+        cfg, p = self.cfg, cache.length
+        if p >= cache.max_tokens:
+            raise ValueError(f"KV cache full: {p} + 1 tokens > {cache.max_tokens} slots")
+        is_act = p % cfg.block_size == cfg.obs_tokens
+        x = (self.act_emb if is_act else self.obs_emb).weight[tokens] + self.pos_emb.weight[p]  # (B, D)
+        if cfg.use_task_embed:
+            x = x + (self.task_act_emb if is_act else self.task_obs_emb).weight[task_ids]
+        return x
+
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, task_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new token per row, tokens (B,) at position cache.length -> hidden (B, D) after ln_f (eval only).
@@ -512,12 +523,7 @@ class WorldActionModel(nn.Module):
         the fused SDPA kernel over the cache slice.
         """
         cfg, p = self.cfg, cache.length
-        if p >= cache.max_tokens:
-            raise ValueError(f"KV cache full: {p} + 1 tokens > {cache.max_tokens} slots")
-        is_act = p % cfg.block_size == cfg.obs_tokens
-        x = (self.act_emb if is_act else self.obs_emb).weight[tokens] + self.pos_emb.weight[p]  # (B, D)
-        if cfg.use_task_embed:
-            x = x + (self.task_act_emb if is_act else self.task_obs_emb).weight[task_ids]
+        x = self.embed_next(tokens, task_ids, cache)  # (B, D)
         B, D = x.shape
         H = cfg.num_heads
         lin = self._small_batch_linear
