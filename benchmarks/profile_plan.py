@@ -1,7 +1,7 @@
 """Component CPU times of one planning decision (40M, fp32): encode, greedy root, planning root, one imagined
 step at several beam batch sizes; optionally a torch.profiler table of one imagined step.
 
-    OMP_NUM_THREADS=1 python benchmarks/profile_plan.py --threads 1 [--profile 4] [--compile]
+    OMP_NUM_THREADS=1 python benchmarks/profile_plan.py --threads 1 [--profile 4]
 
 CPU time (time.process_time) is reported because the shared machine's wall time inflates with the load.
 """
@@ -32,7 +32,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--batches", default="1,2,4,8,16", help="beam batch sizes of the imagined-step timing")
     ap.add_argument("--profile", type=int, default=0, help="print a torch.profiler table of a step at this batch")
     ap.add_argument("--no-encode", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="compiled planning passes (batch <= 4; ~40 s per batch)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -41,11 +40,11 @@ def main(argv=None) -> dict:
     from jowa_model.world_action import WorldActionModel
 
     model = WorldActionModel(model_preset(args.config))
-    world = WorldModelImagination(model, compile=args.compile)
+    world = WorldModelImagination(model)
     g = torch.Generator().manual_seed(0)
     obs, act, task = torch.randint(0, 2048, (1, 8, 36), generator=g), torch.randint(0, 8, (1, 7), generator=g), \
         torch.tensor([37])
-    out: dict = {"threads": args.threads, "compile": args.compile, "load": round(os.getloadavg()[0], 2)}
+    out: dict = {"threads": args.threads, "load": round(os.getloadavg()[0], 2)}
     if not args.no_encode:
         from jowa_model.tokenizer import Tokenizer, tokenizer_preset
 

@@ -414,16 +414,11 @@ class WorldModelImagination:
     The model is put in eval mode (dropout off): planning is inference.
     """
 
-    def __init__(self, model, autocast_dtype: torch.dtype | None = None, compile: bool = False) -> None:
+    def __init__(self, model, autocast_dtype: torch.dtype | None = None) -> None:
         self.model = model.eval()
         self.cfg = model.cfg
         self.max_steps = model.cfg.max_steps
         self.autocast_dtype = autocast_dtype  # e.g. torch.bfloat16 on CPUs with avx512_bf16 (not the default)
-        self.decoder = None  # opt-in compiled passes (jowa_model.compiled_decode): ~30-45 s compile per batch size
-        if compile:
-            from jowa_model.compiled_decode import CompiledDecoder
-
-            self.decoder = CompiledDecoder(model)
 
     def _autocast(self):
         dev = next(self.model.parameters()).device
@@ -473,15 +468,6 @@ class WorldModelImagination:
         assert state.cache.length % self.cfg.block_size == self.cfg.obs_tokens, "step must follow a full frame"
         tokens = torch.empty(self.cfg.obs_tokens, actions.shape[0], dtype=torch.long, device=task.device)
         actions = actions.to(task.device).long()
-        dec = self.decoder
-        if dec is not None and self.autocast_dtype is None and dec.usable(actions.shape[0]):
-            h, nxt = dec.decode(actions, task, state.cache)  # same tokens as below, compiled Linear parts
-            rewards = m.reward_logits(h).argmax(-1).float() - 1.0
-            dones = m.end_logits(h).argmax(-1).bool()
-            for i in range(self.cfg.obs_tokens):
-                tokens[i] = nxt
-                h, nxt = dec.decode(tokens[i], task, state.cache)
-            return state, Imagined(rewards, dones, tokens.t().contiguous(), m.q_values(h).float())
         with self._autocast():
             h = m.decode_step(actions, task, state.cache)  # (B, D)
             rewards = m.reward_logits(h).argmax(-1).float() - 1.0  # sign class -> {-1, 0, 1}

@@ -8,8 +8,6 @@ the paper-size tokenizer (random weights) + `Planner.plan` over the history (whi
 `encode_ms` is also reported, so token-path-only numbers can be compared with the official component latencies.
 `greedy_rolling` (RollingGreedy: incremental cache, rebuilt from the newest `keep` steps when full) is a faster
 greedy that does NOT reproduce the official sliding window; it is reported apart and never in the headline keys.
-`compile=True` uses the opt-in compiled planning passes (jowa_model.compiled_decode: same tokens, a cold compile of
-~30-45 s per batch size that the warm-up decisions absorb; inductor caches it on disk).
 
 Like-for-like on a shared machine: `cpu_ms` (process CPU time per decision, all threads) inflates much less with
 the load than wall time; with 1 thread it is the stand-in for an idle machine's wall time at 1 thread.
@@ -55,7 +53,6 @@ class BenchPlanConfig:
     encode: bool = True  # include tokenizer.encode of the new frame in each decision (as the official figures)
     threads: int = 2  # torch intra-op threads (official figures: 2)
     seed: int = 0  # weights and synthetic tokens
-    compile: bool = False  # compiled planning passes (jowa_model.compiled_decode; fp32, batch <= 4; ~40 s/batch)
     rolling_keep: int = 4  # also time RollingGreedy(keep) (NOT the official rule; reported apart); 0 = skip
 
 
@@ -81,7 +78,7 @@ def bench_plan(ckpt: str | Path | None = None, cfg: BenchPlanConfig | None = Non
     game = (registry or load_manifests()).get(cfg.game)
     model = _load_model(ckpt, cfg.preset)
     amp = torch.bfloat16 if cfg.dtype == "bfloat16" else None
-    world = WorldModelImagination(model, autocast_dtype=amp, compile=cfg.compile)
+    world = WorldModelImagination(model, autocast_dtype=amp)
     tokenizer = None
     if cfg.encode:
         from jowa_model.tokenizer import Tokenizer, tokenizer_preset
@@ -166,7 +163,7 @@ def bench_plan(ckpt: str | Path | None = None, cfg: BenchPlanConfig | None = Non
     out["load_avg"] = list(os.getloadavg())
     out["settings"] = {"ckpt": str(ckpt) if ckpt else None, "preset": cfg.preset, "game": cfg.game,
                        "task_id": game.task_id, "valid_actions": int(mask.sum()), "history": cfg.history,
-                       "dtype": cfg.dtype, "encode": cfg.encode, "compile": cfg.compile, "threads": cfg.threads, "reps": cfg.reps,
+                       "dtype": cfg.dtype, "encode": cfg.encode, "threads": cfg.threads, "reps": cfg.reps,
                        "warmup": cfg.warmup, "torch": torch.__version__,
                        "planners": {k: vars(v) for k, v in PLANNERS.items()}}
     return out

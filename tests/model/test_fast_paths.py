@@ -4,8 +4,12 @@
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from jowa_model.planner import Planner, PlannerConfig, RecomputeImagination, WorldModelImagination
 from jowa_model.presets import model_preset
@@ -99,17 +103,37 @@ def test_fast_paths_under_bf16_autocast_stay_close():
     torch.testing.assert_close(h.float(), full[:, 50:], atol=0.1, rtol=0.05)
 
 
-def test_transposed_weight_cache_follows_weight_updates():
+def test_packed_linear_follows_weight_updates_and_is_never_copied():
     m = _model()
-    x = torch.randn(2, m.cfg.embed_dim)
+    x = torch.randn(3, m.cfg.embed_dim)
     layer = m.head_obs[0]
+
+    def plain(post="none", rows=None):
+        w, b = layer.weight.detach(), layer.bias.detach()
+        if rows:
+            w, b = w[rows[0]:rows[1]], b[rows[0]:rows[1]]
+        y = x @ w.t() + b
+        return {"none": y, "relu": torch.relu(y), "gelu": F.gelu(y)}[post]
+
     with torch.no_grad():
-        torch.testing.assert_close(m._small_batch_linear(x, layer), layer(x), atol=1e-5, rtol=1e-5)
-        layer.weight.mul_(2.0)  # in-place update (an optimizer step): the cached copy must be rebuilt
-        torch.testing.assert_close(m._small_batch_linear(x, layer), layer(x), atol=1e-5, rtol=1e-5)
+        for post in ("none", "relu", "gelu"):
+            torch.testing.assert_close(layer.act(x, post), plain(post), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.act(x, rows=(8, 40)), plain(rows=(8, 40)), atol=1e-5, rtol=1e-5)
+        assert layer.__dict__.get("_packs"), "fp32 CPU inference should run on the packed weight"
+        layer.weight.mul_(2.0)  # in-place update (an optimizer step): the pack must be rebuilt
+        torch.testing.assert_close(layer(x), plain(), atol=1e-5, rtol=1e-5)
+        layer.bias.add_(1.0)
+        torch.testing.assert_close(layer(x), plain(), atol=1e-5, rtol=1e-5)
         m.load_state_dict(_model().state_dict())  # copy_ into the same tensors
-        torch.testing.assert_close(m._small_batch_linear(x, layer), layer(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer(x), plain(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(m.obs_logits(x), m.head_obs(x), atol=1e-5, rtol=1e-5)
+    twin = copy.deepcopy(m)  # the opaque packs are dropped, not copied (deepcopy of them raises)
+    assert "_packs" not in twin.head_obs[0].__dict__
+    buf = io.BytesIO()
+    torch.save(m, buf)  # pickling the module works too
+    y = layer(x)  # with grad enabled: plain F.linear, differentiable
+    y.sum().backward()
+    assert layer.weight.grad is not None
 
 
 def test_keep_scale_rate_values_and_gradient():
