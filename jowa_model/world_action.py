@@ -180,9 +180,11 @@ class Linear(nn.Linear):
     kernel streams the weight. MKL's sgemm does that at 6-10 GB/s for such skinny inputs, oneDNN's packed
     kernel at 20-30 GB/s (all 40M per-pass weights: 8-11 ms -> 1.5-3 ms for 1-16 rows), and it is ~25% faster
     for the 221-295-row planning roots and greedy windows too (41 -> 29 ms at 221 rows). Same fp32 math, other
-    summation order (errors ~1e-6). The pack is a cache, not state: never saved or copied, rebuilt when the
-    weight is replaced or updated in place (optimizer step, load_state_dict). Training, autocast and GPUs use
-    F.linear unchanged. `act` fuses a following ReLU/GELU (and `rows` slices output features) on either path.
+    summation order (errors ~1e-6). Only in eval mode: the pack is a cache, not state, never saved or copied,
+    dropped by every train()/eval() call and by `drop_packed_weights` (which our optimizers call after each
+    step: fused AdamW updates weights without bumping their version counters), and rebuilt when the weight is
+    replaced or its version changes (load_state_dict, in-place edits). Training, autocast and GPUs use F.linear
+    unchanged. `act` fuses a following ReLU/GELU (and `rows` slices output features) on either path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,8 +193,8 @@ class Linear(nn.Linear):
     def act(self, x: torch.Tensor, post: str = "none", rows: tuple[int, int] | None = None) -> torch.Tensor:
         """post(x @ W[rows]^T + b[rows]) with post in none / relu / gelu (exact erf GELU, as nn.GELU())."""
         w, b = self.weight, self.bias
-        if (_ONEDNN and x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+        if (_ONEDNN and not self.training and x.dtype == torch.float32 and w.dtype == torch.float32
+                and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
             packed, bias = self._packed(rows)
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, post, [], "none" if post == "gelu" else "")
         if rows is not None:
@@ -211,11 +213,25 @@ class Linear(nn.Linear):
             hit = cache[rows] = (stamp, packed, None if b is None else b.detach()[lo:hi].contiguous())
         return hit[1], hit[2]
 
+    def train(self, mode: bool = True) -> "Linear":
+        self.drop_pack()  # weights may change before the next inference: an optimizer steps in training mode
+        return super().train(mode)
+
+    def drop_pack(self) -> None:
+        self.__dict__.pop("_packs", None)
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.pop("_packs", None)  # opaque oneDNN tensors cannot be copied or pickled; rebuilt on demand
         return state
 
+
+
+def drop_packed_weights(model: nn.Module) -> None:
+    """Forget every packed inference weight of `model` (call after an optimizer step; `make_optimizer` does)."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.drop_pack()
 
 
 def drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
@@ -664,7 +680,9 @@ class WorldActionModel(nn.Module):
                             weight_decay: float = 0.01) -> torch.optim.AdamW:
         """AdamW over `param_groups` (default betas/eps, Table 13). The fused kernel is ~9x faster than the
         foreach one on CPU for the 40M model (23 vs 203 ms per step, measured)."""
-        return torch.optim.AdamW(self.param_groups(world_lr, critic_lr, weight_decay), fused=True)
+        opt = torch.optim.AdamW(self.param_groups(world_lr, critic_lr, weight_decay), fused=True)
+        opt.register_step_post_hook(lambda *_: drop_packed_weights(self))  # fused steps keep version counters
+        return opt
 
     def parameter_counts(self) -> dict[str, int]:
         """Per-part counts (official naming of official-anchors.md) + trainable total."""

@@ -35,7 +35,8 @@ from jowa_data.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from jowa_model.checkpoint import FORMAT, model_state
 from jowa_model.losses import LossConfig, compute_loss, term_counts
 from jowa_model.presets import model_preset
-from jowa_model.world_action import WorldActionConfig, WorldActionModel, action_masks_from_manifests
+from jowa_model.world_action import (WorldActionConfig, WorldActionModel, action_masks_from_manifests,
+                                     drop_packed_weights)
 from pipelines.dist import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
 
 # --------------------------------------------------------------------------------------------- config
@@ -142,7 +143,9 @@ def make_optimizer(model: WorldActionModel, stage: int, cfg: OptimConfig) -> tor
     lr = cfg.lr_stage1 if stage == 1 else cfg.lr_stage2
     groups = [g for g in model.param_groups(world_lr=lr, critic_lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
               if g["params"]]
-    return torch.optim.AdamW(groups)
+    opt = torch.optim.AdamW(groups, fused=True)  # ~9x faster than foreach on CPU (23 vs 203 ms, 40M)
+    opt.register_step_post_hook(lambda *_: drop_packed_weights(model))  # fused steps keep version counters
+    return opt
 
 
 def wrap(module: nn.Module, info: DistInfo) -> nn.Module:

@@ -127,6 +127,22 @@ def test_packed_linear_follows_weight_updates_and_is_never_copied():
         m.load_state_dict(_model().state_dict())  # copy_ into the same tensors
         torch.testing.assert_close(layer(x), plain(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(m.obs_logits(x), m.head_obs(x), atol=1e-5, rtol=1e-5)
+        assert layer.__dict__.get("_packs")
+    m.train()  # a mode switch drops the packs; training-mode forwards never use them
+    assert "_packs" not in layer.__dict__
+    with torch.no_grad():
+        layer(x)
+    assert "_packs" not in layer.__dict__
+    m.eval()
+    opt = m.configure_optimizer(1e-2, 1e-2)  # fused AdamW: updates weights WITHOUT bumping their versions
+    with torch.no_grad():
+        layer(x)
+    version = layer.weight._version
+    layer(x).square().sum().backward()
+    opt.step()
+    assert layer.weight._version == version  # why a version check alone would serve a stale pack
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), plain(), atol=1e-5, rtol=1e-5)
     twin = copy.deepcopy(m)  # the opaque packs are dropped, not copied (deepcopy of them raises)
     assert "_packs" not in twin.head_obs[0].__dict__
     buf = io.BytesIO()
