@@ -224,16 +224,31 @@ class Tokenizer(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(device_type=dev, dtype=dtype)
 
+    def _inference_layout(self, *nets: nn.Module) -> torch.memory_format:
+        """Channels-last weights (and inputs) for CPU inference: oneDNN's convolutions then skip a layout
+        conversion per layer (paper encoder, 2 threads: 23 -> 17 ms for 1 frame, 298 -> 270 ms for 16,
+        measured; same tokens; no gain for the decoder). Applied once, in place; checkpoints are written contiguous (`tokenizer_to_dict`),
+        so their bytes and checksums do not depend on it. GPUs keep the default layout."""
+        if self.embedding.weight.device.type != "cpu":
+            return torch.contiguous_format
+        for net in nets:
+            convs = [m.weight for m in net.modules() if isinstance(m, nn.Conv2d)]
+            if not all(w.is_contiguous(memory_format=torch.channels_last) for w in convs):
+                net.to(memory_format=torch.channels_last)
+        return torch.channels_last
+
     @torch.inference_mode()
     def encode(self, frames: Any, chunk_size: int = 256, dtype: torch.dtype | None = None):
         """uint8 frames (N,84,84) -> tokens (N,36): uint16 numpy for numpy input, long tensor for torch input
         (on the input's device). Batched in chunks of `chunk_size`; `dtype=torch.bfloat16` runs the convnet
         under autocast (see the module docstring for what that changes)."""
         t, was_np = _to_tensor(frames)
+        fmt = self._inference_layout(self.encoder, self.pre_quant_conv)
         out = []
         with self._autocast(dtype):
             for i in range(0, t.shape[0], chunk_size):
-                z = self.pre_quant_conv(self.encoder(self.preprocess(t[i:i + chunk_size])))
+                x = self.preprocess(t[i:i + chunk_size]).contiguous(memory_format=fmt)
+                z = self.pre_quant_conv(self.encoder(x))
                 out.append(self.quantize(z)[1])
         tokens = torch.cat(out) if out else torch.zeros(0, self.cfg.tokens_per_frame, dtype=torch.long)
         if was_np:
@@ -317,7 +332,7 @@ class CodebookMonitor:
 def tokenizer_to_dict(tok: Tokenizer) -> dict[str, Any]:
     """What `save_tokenizer` writes: format tag, config as a plain dict, state dict (no LPIPS weights)."""
     return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config_to_dict(tok.cfg),
-            "state_dict": {k: v.detach().cpu() for k, v in tok.state_dict().items()}}
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in tok.state_dict().items()}}
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
