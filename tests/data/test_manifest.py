@@ -26,11 +26,13 @@ def write(tmp_path: Path, text: str, name: str = "Breakout") -> Path:
     return p
 
 
-def test_shipped_manifests_are_the_papers_20_games():
+def test_shipped_manifests_are_the_papers_20_games_and_one_extra():
     reg = load_manifests()
     assert {m.name for m in reg.split("pretrain")} == PAPER_PRETRAIN
     assert {m.name for m in reg.split("finetune")} == PAPER_HELDOUT
-    assert len({m.task_id for m in reg}) == 20
+    assert {m.name for m in reg.split("other")} == {"FishingDerby"}  # the CPU pretraining run's game
+    assert len({m.task_id for m in reg}) == 21
+    assert reg.get("FishingDerby").task_id == 22 and reg.get("Gravitar").task_id == 26  # alphabetical 60-game ids
     # official game ids (alphabetical 60-game list) and the Table 17 beam widths
     assert reg.get("Phoenix").task_id == 37 and reg.get("Pong").task_id == 39
     assert reg.get("Berzerk").planning.beam_width == 4 and reg.get("Seaquest").planning.beam_width == 3
@@ -108,7 +110,7 @@ def test_unknown_game_suggests():
 
 def test_cli_manifests_table_and_json(tmp_path):
     r = CliRunner().invoke(cli, ["manifests"])
-    assert r.exit_code == 0 and "SpaceInvaders" in r.output and "20 game manifests" in r.output
+    assert r.exit_code == 0 and "SpaceInvaders" in r.output and "21 game manifests" in r.output
     r = CliRunner().invoke(cli, ["manifests", "--json", "--manifests", str(tmp_path)])
     assert r.exit_code == 0 and r.output.strip() == "[]"
     write(tmp_path, GOOD.replace("task_id = 13", "taskid = 13"))
