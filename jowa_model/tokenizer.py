@@ -234,7 +234,8 @@ class Tokenizer(nn.Module):
         for net in nets:
             convs = [m.weight for m in net.modules() if isinstance(m, nn.Conv2d)]
             if not all(w.is_contiguous(memory_format=torch.channels_last) for w in convs):
-                net.to(memory_format=torch.channels_last)
+                with torch.inference_mode(False), torch.no_grad():  # params must stay trainable tensors
+                    net.to(memory_format=torch.channels_last)
         return torch.channels_last
 
     @torch.inference_mode()
@@ -332,7 +333,8 @@ class CodebookMonitor:
 def tokenizer_to_dict(tok: Tokenizer) -> dict[str, Any]:
     """What `save_tokenizer` writes: format tag, config as a plain dict, state dict (no LPIPS weights)."""
     return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config_to_dict(tok.cfg),
-            "state_dict": {k: v.detach().cpu().contiguous() for k, v in tok.state_dict().items()}}
+            "state_dict": {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                           for k, v in tok.state_dict().items()}}
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:

@@ -204,3 +204,27 @@ def test_dead_code_restart_revives_dead_codes(atari_frames):
     after = set(np.unique(tok.encode(f)).tolist())
     revived = after & dead
     assert len(revived) >= 20 and len(after) > 1.5 * used_before, (used_before, len(after), len(revived))
+
+
+def test_cpu_encode_layout_keeps_training_and_checkpoint_bytes(atari_frames, tmp_path):
+    """encode() switches the encoder to channels-last for CPU speed: the tokens, a later training step and the
+    checkpoint must not notice (params stay trainable, not inference-mode tensors; saves stay contiguous)."""
+    tok = tiny()
+    before = save_tokenizer(tok, tmp_path / "before.pt")
+    frames = atari_frames[:4]
+    plain = Tokenizer(tok.cfg)
+    plain.load_state_dict(tok.state_dict())
+    with torch.no_grad():  # the reference: the default layout, no encode() call
+        z = plain.pre_quant_conv(plain.encoder(plain.preprocess(torch.as_tensor(frames))))
+        ref = plain.quantize(z)[1]
+    got = tok.encode(torch.as_tensor(frames))
+    assert tok.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, ref)
+    loss, _ = tok.compute_loss(frames)  # raised "Inference tensors cannot be saved for backward" once
+    loss.backward()
+    assert tok.encoder.conv_in.weight.grad is not None
+    tok.encoder.conv_in.weight.grad = None
+    after = save_tokenizer(tok, tmp_path / "after.pt")
+    sa, sb = (torch.load(p, weights_only=True)["state_dict"] for p in (before, after))
+    for k, v in sa.items():  # same values, and the standard contiguous strides
+        assert torch.equal(v, sb[k]) and sb[k].stride() == v.stride() == torch.empty(v.shape).stride(), k
