@@ -171,6 +171,7 @@ def _onednn_packing() -> bool:
 
 _ONEDNN = _onednn_packing()
 PACK_BATCH_HINT = 4  # oneDNN picks the packed layout for this many rows; fast for 1..300 rows (measured)
+PACK_MIN_NUMEL = 1 << 18  # smaller weights stay in cache, where F.linear's ~4 us call beats oneDNN's ~15 us
 
 
 class Linear(nn.Linear):
@@ -183,8 +184,9 @@ class Linear(nn.Linear):
     summation order (errors ~1e-6). Only in eval mode: the pack is a cache, not state, never saved or copied,
     dropped by every train()/eval() call and by `drop_packed_weights` (which our optimizers call after each
     step: fused AdamW updates weights without bumping their version counters), and rebuilt when the weight is
-    replaced or its version changes (load_state_dict, in-place edits). Training, autocast and GPUs use F.linear
-    unchanged. `act` fuses a following ReLU/GELU (and `rows` slices output features) on either path.
+    replaced or its version changes (load_state_dict, in-place edits). Training, autocast, GPUs and weights
+    under PACK_MIN_NUMEL elements (all of `tiny`'s: its planning is 1.4x slower packed) use F.linear unchanged.
+    `act` fuses a following ReLU/GELU (and `rows` slices output features) on either path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,8 +195,9 @@ class Linear(nn.Linear):
     def act(self, x: torch.Tensor, post: str = "none", rows: tuple[int, int] | None = None) -> torch.Tensor:
         """post(x @ W[rows]^T + b[rows]) with post in none / relu / gelu (exact erf GELU, as nn.GELU())."""
         w, b = self.weight, self.bias
-        if (_ONEDNN and not self.training and x.dtype == torch.float32 and w.dtype == torch.float32
-                and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+        if (_ONEDNN and not self.training and w.numel() >= PACK_MIN_NUMEL and x.dtype == torch.float32
+                and w.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu")):
             packed, bias = self._packed(rows)
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, post, [], "none" if post == "gelu" else "")
         if rows is not None:

@@ -104,7 +104,7 @@ def test_fast_paths_under_bf16_autocast_stay_close():
 
 
 def test_packed_linear_follows_weight_updates_and_is_never_copied():
-    m = _model()
+    m = _model(embed_dim=512)  # head_obs[0] 512x512: large enough to be packed (PACK_MIN_NUMEL)
     x = torch.randn(3, m.cfg.embed_dim)
     layer = m.head_obs[0]
 
@@ -124,7 +124,7 @@ def test_packed_linear_follows_weight_updates_and_is_never_copied():
         torch.testing.assert_close(layer(x), plain(), atol=1e-5, rtol=1e-5)
         layer.bias.add_(1.0)
         torch.testing.assert_close(layer(x), plain(), atol=1e-5, rtol=1e-5)
-        m.load_state_dict(_model().state_dict())  # copy_ into the same tensors
+        m.load_state_dict(_model(embed_dim=512).state_dict())  # copy_ into the same tensors
         torch.testing.assert_close(layer(x), plain(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(m.obs_logits(x), m.head_obs(x), atol=1e-5, rtol=1e-5)
         assert layer.__dict__.get("_packs")
@@ -143,6 +143,10 @@ def test_packed_linear_follows_weight_updates_and_is_never_copied():
     assert layer.weight._version == version  # why a version check alone would serve a stale pack
     with torch.no_grad():
         torch.testing.assert_close(layer(x), plain(), atol=1e-5, rtol=1e-5)
+    small = _model().head_obs[0]  # 64x64: F.linear (oneDNN's call overhead loses on cache-resident weights)
+    with torch.no_grad():
+        small(torch.randn(2, 64))
+    assert "_packs" not in small.__dict__
     twin = copy.deepcopy(m)  # the opaque packs are dropped, not copied (deepcopy of them raises)
     assert "_packs" not in twin.head_obs[0].__dict__
     buf = io.BytesIO()
