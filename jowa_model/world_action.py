@@ -33,6 +33,7 @@ Inference fast paths (eval mode, no grad; equal to the plain forward up to float
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -175,7 +176,8 @@ PACK_MIN_NUMEL = 1 << 18  # smaller weights stay in cache, where F.linear's ~4 u
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose CPU fp32 inference (no grad, no autocast) runs on a cached oneDNN-packed weight.
+    """nn.Linear whose CPU inference (eval, no grad; fp32, or bf16 under autocast) runs on a cached oneDNN-packed
+    weight.
 
     Why: a planning pass pushes 1-16 rows through every weight of the model, so it is bound by how fast the
     kernel streams the weight. MKL's sgemm does that at 6-10 GB/s for such skinny inputs, oneDNN's packed
@@ -184,8 +186,9 @@ class Linear(nn.Linear):
     summation order (errors ~1e-6). Only in eval mode: the pack is a cache, not state, never saved or copied,
     dropped by every train()/eval() call and by `drop_packed_weights` (which our optimizers call after each
     step: fused AdamW updates weights without bumping their version counters), and rebuilt when the weight is
-    replaced or its version changes (load_state_dict, in-place edits). Training, autocast, GPUs and weights
-    under PACK_MIN_NUMEL elements (all of `tiny`'s: its planning is 1.4x slower packed) use F.linear unchanged.
+    replaced or its version changes (load_state_dict, in-place edits). Under CPU bf16 autocast the pack is bf16
+    (half the bytes; the same result as autocast's F.linear). Training, GPUs and weights under PACK_MIN_NUMEL
+    elements (all of `tiny`'s: its planning is 1.4x slower packed) use F.linear unchanged.
     `act` fuses a following ReLU/GELU (and `rows` slices output features) on either path.
     """
 
@@ -195,25 +198,28 @@ class Linear(nn.Linear):
     def act(self, x: torch.Tensor, post: str = "none", rows: tuple[int, int] | None = None) -> torch.Tensor:
         """post(x @ W[rows]^T + b[rows]) with post in none / relu / gelu (exact erf GELU, as nn.GELU())."""
         w, b = self.weight, self.bias
-        if (_ONEDNN and not self.training and w.numel() >= PACK_MIN_NUMEL and x.dtype == torch.float32
-                and w.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and not torch.is_autocast_enabled("cpu")):
-            packed, bias = self._packed(rows)
-            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, post, [], "none" if post == "gelu" else "")
+        if (_ONEDNN and not self.training and w.numel() >= PACK_MIN_NUMEL and w.dtype == torch.float32
+                and x.device.type == "cpu" and not torch.is_grad_enabled()):
+            dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+            if dt in (torch.float32, torch.bfloat16):  # bf16: what autocast would compute, on a bf16 pack
+                packed, bias = self._packed(rows, dt)
+                return torch.ops.mkldnn._linear_pointwise(x.to(dt), packed, bias, post, [],
+                                                          "none" if post == "gelu" else "")
         if rows is not None:
             w, b = w[rows[0]:rows[1]], None if b is None else b[rows[0]:rows[1]]
         y = F.linear(x, w, b)
         return y if post == "none" else F.relu(y) if post == "relu" else F.gelu(y)
 
-    def _packed(self, rows: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _packed(self, rows: tuple[int, int] | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         cache = self.__dict__.setdefault("_packs", {})
         w, b = self.weight, self.bias
         stamp = (w, w._version, None if b is None else b._version)
-        hit = cache.get(rows)
+        hit = cache.get((rows, dtype))
         if hit is None or hit[0][0] is not w or hit[0][1:] != stamp[1:]:
             lo, hi = rows or (0, w.shape[0])
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach()[lo:hi].contiguous(), PACK_BATCH_HINT)
-            hit = cache[rows] = (stamp, packed, None if b is None else b.detach()[lo:hi].contiguous())
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach()[lo:hi].to(dtype).contiguous(), PACK_BATCH_HINT)
+            bias = None if b is None else b.detach()[lo:hi].to(dtype).contiguous()
+            hit = cache[(rows, dtype)] = (stamp, packed, bias)
         return hit[1], hit[2]
 
     def train(self, mode: bool = True) -> "Linear":
@@ -587,6 +593,8 @@ class WorldActionModel(nn.Module):
         B, D = x.shape
         H = cfg.num_heads
         rpg = cache.rows_per_group() if p >= cache.shared else 0
+        # CPU autocast: attention of the single query in the cache's fp32 (bf16 SDPA is 2-3x slower there)
+        fp32_attention = x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and cache.k.dtype == torch.float32
         for i, blk in enumerate(self.blocks):
             a = blk.attn
             h = F.layer_norm(x, (D,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
@@ -594,10 +602,12 @@ class WorldActionModel(nn.Module):
             kc, vc = cache.k[i], cache.v[i]  # (B, H, max_tokens, hd)
             kc[:, :, p] = qkv[:, 1]
             vc[:, :, p] = qkv[:, 2]
-            if rpg >= SHARED_ATTENTION_MIN_ROWS:
-                y = _attend_shared_prefix(qkv[:, 0], kc, vc, p, cache.shared, rpg)  # (B, D)
-            else:
-                y = _attend_one(qkv[:, 0], kc[:, :, :p + 1], vc[:, :, :p + 1])  # (B, D)
+            with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
+                q = qkv[:, 0].float() if fp32_attention else qkv[:, 0]
+                if rpg >= SHARED_ATTENTION_MIN_ROWS:
+                    y = _attend_shared_prefix(q, kc, vc, p, cache.shared, rpg)  # (B, D)
+                else:
+                    y = _attend_one(q, kc[:, :, :p + 1], vc[:, :, :p + 1])  # (B, D)
             x = x + a.proj(y)
             h = F.layer_norm(x, (D,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
             x = x + blk.mlp[2](blk.mlp[0].act(h, "gelu"))

@@ -143,6 +143,10 @@ def test_packed_linear_follows_weight_updates_and_is_never_copied():
     assert layer.weight._version == version  # why a version check alone would serve a stale pack
     with torch.no_grad():
         torch.testing.assert_close(layer(x), plain(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 autocast: a bf16 pack, same result
+        y, ref = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
+    assert (None, torch.bfloat16) in layer.__dict__["_packs"]
     small = _model().head_obs[0]  # 64x64: F.linear (oneDNN's call overhead loses on cache-resident weights)
     with torch.no_grad():
         small(torch.randn(2, 64))
