@@ -90,6 +90,15 @@ def _level(blocks: list[nn.Module], attns: list[nn.Module]) -> nn.Module:
     return m
 
 
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The residual blocks of one resolution level, each followed by its attention block when the level has them."""
+    for j, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[j](h)
+    return h
+
+
 def _mid(c: int, groups: int, dropout: float) -> nn.Module:
     m = nn.Module()
     m.block_1 = ResnetBlock(c, c, groups, dropout)
@@ -127,10 +136,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
+            h = _run_level(level, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
@@ -175,10 +181,7 @@ class Decoder(nn.Module):
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for level in reversed(self.up):
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
+            h = _run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(swish(self.norm_out(h)))
