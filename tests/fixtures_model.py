@@ -5,6 +5,8 @@
 `trained_tokenizer`: a `tiny`-preset tokenizer (narrowed to 8 channels so it trains in seconds on CPU) trained
 by the real pipeline (`pipelines.train_tokenizer`) on those frames: `.path` (tokenizer.pt), `.run` (run folder),
 `.cfg` (TokenizerTrainConfig). Use `.path` wherever a tokenizer checkpoint is needed (e.g. dataset builds).
+`tiny_model(**overrides)` / `token_sequence(B, steps)`: a seeded `tiny` world-action model in eval mode and
+random interleaved token rows for it, shared by the model tests.
 """
 
 from __future__ import annotations
@@ -19,6 +21,27 @@ FIXTURE_FRAMES_PER_GAME = 96
 # tiny preset, narrower: the fixture must train in seconds on a shared 2-core CPU.
 FIXTURE_TRAIN_SETS = {"model": {"ch": 8}, "batch_size": 16, "lr": 3e-3, "steps": 40, "log_every": 5,
                       "ckpt_every": 20, "image_every": 0, "tensorboard": False, "seed": 0}
+
+
+def tiny_model(**overrides):
+    """The `tiny` world-action model (WorldActionConfig field overrides), seeded, in eval mode."""
+    import torch
+
+    from jowa_model.presets import model_preset
+    from jowa_model.world_action import WorldActionModel
+
+    torch.manual_seed(0)
+    return WorldActionModel(model_preset("tiny", **overrides)).eval()
+
+
+def token_sequence(B: int, steps: int, seed: int = 0):
+    """(B, steps*37) long interleaved tokens: obs codes at obs positions, action ids at every 37th."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 2048, (B, steps, 36), generator=g)
+    actions = torch.randint(0, 18, (B, steps, 1), generator=g)
+    return torch.cat([tokens, actions], -1).view(B, -1)
 
 
 def ale_frames(rom: str, n: int, seed: int = 0) -> np.ndarray:

@@ -13,29 +13,17 @@ import torch.nn.functional as F
 
 from jowa_model.planner import Planner, PlannerConfig, RecomputeImagination, WorldModelImagination
 from jowa_model.presets import model_preset
-from jowa_model.world_action import WorldActionModel
+from tests.fixtures_model import tiny_model, token_sequence
 
 torch.set_num_threads(1)
 
 
-def _model(**kw) -> WorldActionModel:
-    torch.manual_seed(0)
-    return WorldActionModel(model_preset("tiny", **kw)).eval()
-
-
-def _seq(B: int, steps: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    tok = torch.randint(0, 2048, (B, steps, 36), generator=g)
-    act = torch.randint(0, 18, (B, steps, 1), generator=g)
-    return torch.cat([tok, act], -1).view(B, -1)
-
-
 @pytest.mark.parametrize("use_task_embed,B", [(True, 3), (False, 3), (True, 1), (True, 2)])
 def test_decode_step_equals_full_forward_across_token_kinds(use_task_embed, B):
-    """B <= 2 takes the cached-transposed-weight matmuls, B = 3 F.linear."""
-    m = _model(use_task_embed=use_task_embed)
+    """One row, a few rows, with and without task embeddings (packed weights: see the Linear test below)."""
+    m = tiny_model(use_task_embed=use_task_embed)
     task = torch.tensor([3, 6, 13])[:B]
-    seq = _seq(B, 3)
+    seq = token_sequence(B, 3)
     full = m.backbone(seq, task)  # (B, 111, D)
     cache = m.init_cache(B)
     m.forward_cached(seq[:, :30], task, cache)
@@ -45,7 +33,7 @@ def test_decode_step_equals_full_forward_across_token_kinds(use_task_embed, B):
 
 
 def test_decode_step_full_cache_is_an_error():
-    m = _model()
+    m = tiny_model()
     cache = m.init_cache(1, max_tokens=2)
     m.decode_step(torch.tensor([1]), torch.tensor([0]), cache)
     m.decode_step(torch.tensor([1]), torch.tensor([0]), cache)
@@ -55,9 +43,9 @@ def test_decode_step_full_cache_is_an_error():
 
 @pytest.mark.parametrize("start", [0, 37])
 def test_last_only_prefix_fills_the_same_cache(start):
-    m = _model()
+    m = tiny_model()
     task = torch.tensor([1, 2])
-    seq = _seq(2, 4)[:, :147]
+    seq = token_sequence(2, 4)[:, :147]
     ref_cache, fast = m.init_cache(2), m.init_cache(2)
     if start:
         m.forward_cached(seq[:, :start], task, ref_cache)
@@ -71,14 +59,14 @@ def test_last_only_prefix_fills_the_same_cache(start):
 
 
 def test_backbone_last_equals_backbone():
-    m = _model()
+    m = tiny_model()
     task = torch.tensor([4, 5])
-    seq = _seq(2, 8)[:, :295]
+    seq = token_sequence(2, 8)[:, :295]
     torch.testing.assert_close(m.backbone_last(seq, task), m.backbone(seq, task)[:, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_root_q_equals_start_q_and_greedy_plans_agree():
-    m = _model()
+    m = tiny_model()
     world = WorldModelImagination(m)
     g = torch.Generator().manual_seed(3)
     obs, act = torch.randint(0, 2048, (3, 8, 36), generator=g), torch.randint(0, 18, (3, 7), generator=g)
@@ -91,9 +79,9 @@ def test_root_q_equals_start_q_and_greedy_plans_agree():
 
 
 def test_fast_paths_under_bf16_autocast_stay_close():
-    m = _model()
+    m = tiny_model()
     task = torch.tensor([7])
-    seq = _seq(1, 2)
+    seq = token_sequence(1, 2)
     full = m.backbone(seq, task)
     cache = m.init_cache(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -104,7 +92,7 @@ def test_fast_paths_under_bf16_autocast_stay_close():
 
 
 def test_packed_linear_follows_weight_updates_and_is_never_copied():
-    m = _model(embed_dim=512)  # head_obs[0] 512x512: large enough to be packed (PACK_MIN_NUMEL)
+    m = tiny_model(embed_dim=512)  # head_obs[0] 512x512: large enough to be packed (PACK_MIN_NUMEL)
     x = torch.randn(3, m.cfg.embed_dim)
     layer = m.head_obs[0]
 
@@ -124,7 +112,7 @@ def test_packed_linear_follows_weight_updates_and_is_never_copied():
         torch.testing.assert_close(layer(x), plain(), atol=1e-5, rtol=1e-5)
         layer.bias.add_(1.0)
         torch.testing.assert_close(layer(x), plain(), atol=1e-5, rtol=1e-5)
-        m.load_state_dict(_model(embed_dim=512).state_dict())  # copy_ into the same tensors
+        m.load_state_dict(tiny_model(embed_dim=512).state_dict())  # copy_ into the same tensors
         torch.testing.assert_close(layer(x), plain(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(m.obs_logits(x), m.head_obs(x), atol=1e-5, rtol=1e-5)
         assert layer.__dict__.get("_packs")
@@ -147,7 +135,7 @@ def test_packed_linear_follows_weight_updates_and_is_never_copied():
         y, ref = layer(x), F.linear(x, layer.weight, layer.bias)
     assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
     assert (None, torch.bfloat16) in layer.__dict__["_packs"]
-    small = _model().head_obs[0]  # 64x64: F.linear (oneDNN's call overhead loses on cache-resident weights)
+    small = tiny_model().head_obs[0]  # 64x64: F.linear (oneDNN's call overhead loses on cache-resident weights)
     with torch.no_grad():
         small(torch.randn(2, 64))
     assert "_packs" not in small.__dict__
@@ -182,7 +170,7 @@ def test_rolling_greedy_equals_greedy_on_its_own_window(keep):
     actions equal the official greedy planner run on exactly that window."""
     from jowa_model.planner import RollingGreedy
 
-    m = _model()
+    m = tiny_model()
     world = WorldModelImagination(m)
     actor = RollingGreedy(world, keep=keep)
     g = torch.Generator().manual_seed(5)
@@ -210,7 +198,7 @@ def test_rolling_greedy_bad_keep_is_a_config_error():
     from jowa_model.planner import RollingGreedy
 
     with pytest.raises(ConfigError, match="keep"):
-        RollingGreedy(WorldModelImagination(_model()), keep=0)
+        RollingGreedy(WorldModelImagination(tiny_model()), keep=0)
 
 
 def test_bench_plan_reports_rolling_greedy_apart():
@@ -226,7 +214,7 @@ def test_bench_plan_reports_rolling_greedy_apart():
 def test_shared_prefix_attention_equals_full_forward():
     """Rows descending from 2 roots in blocks of 8 read the roots' prefix once; hidden states still equal
     each row's own full forward. An irregular layout (blocks of 3 and 5) falls back to per-row attention."""
-    m = _model()
+    m = tiny_model()
     world = WorldModelImagination(m)
     g = torch.Generator().manual_seed(7)
     obs, act = torch.randint(0, 2048, (2, 2, 36), generator=g), torch.randint(0, 18, (2, 1), generator=g)

@@ -15,6 +15,7 @@ from jowa_data.manifest import load_manifests
 from jowa_model.presets import PRESETS, model_preset
 from jowa_model.world_action import (EnsembleQHead, WorldActionConfig, WorldActionModel, action_masks_from_manifests,
                                      dropout)
+from tests.fixtures_model import tiny_model, token_sequence
 
 torch.set_num_threads(1)
 
@@ -22,19 +23,6 @@ torch.set_num_threads(1)
 OFFICIAL_40M = {"backbone": 12_610_560, "embeddings": 1_270_784, "head_obs": 1_313_280, "head_reward": 264_195,
                 "head_end": 263_682, "head_q": 1_693_590, "head_q_target": 1_693_590, "total": 19_109_681,
                 "trainable": 17_416_091}
-
-
-def tiny_model(**kw) -> WorldActionModel:
-    torch.manual_seed(0)
-    return WorldActionModel(model_preset("tiny", **kw)).eval()
-
-
-def sequence(B: int, steps: int, gen_seed: int = 0) -> torch.Tensor:
-    """(B, steps*37) interleaved tokens: obs codes at obs positions, action ids at every 37th."""
-    g = torch.Generator().manual_seed(gen_seed)
-    tokens = torch.randint(0, 2048, (B, steps, 36), generator=g)
-    actions = torch.randint(0, 18, (B, steps, 1), generator=g)
-    return torch.cat([tokens, actions], -1).view(B, -1)
 
 
 def test_40m_counts_match_official_exactly():
@@ -54,7 +42,7 @@ def test_larger_presets_match_official_totals(name, trainable_m, total_m):
 def test_forward_shapes_and_heads():
     m = tiny_model()
     B, L = 2, 3
-    seq = sequence(B, L)
+    seq = token_sequence(B, L)
     h = m(seq.view(B, L, 37)[..., :36], seq.view(B, L, 37)[..., 36], torch.tensor([3, 13]))
     assert h.shape == (B, L, 37, 64)
     assert m.obs_logits(h).shape == (B, L, 37, 2048)
@@ -66,7 +54,7 @@ def test_forward_shapes_and_heads():
 
 def test_action_token_uses_action_table_and_causality():
     m = tiny_model()
-    seq = sequence(1, 3)
+    seq = token_sequence(1, 3)
     task = torch.tensor([5])
     h0 = m.backbone(seq, task)
     seq2 = seq.clone()
@@ -95,7 +83,7 @@ def test_window_overflow_is_an_error():
 def test_cached_incremental_forward_equals_full_forward(chunks):
     m = tiny_model()
     B, task = 3, torch.tensor([3, 6, 13])
-    seq = sequence(B, 8)
+    seq = token_sequence(B, 8)
     T = sum(chunks)
     full = m.backbone(seq[:, :T], task)
     cache = m.init_cache(B)
@@ -111,7 +99,7 @@ def test_cache_beam_ops_match_independent_rows():
     """repeat_interleave / index_select on the cache == running each beam from scratch."""
     m = tiny_model()
     task = torch.tensor([3, 13])
-    prefix = sequence(2, 2)[:, :73]  # two full steps minus the last action
+    prefix = token_sequence(2, 2)[:, :73]  # two full steps minus the last action
     cache = m.init_cache(2)
     m.forward_cached(prefix, task, cache)
     kids = cache.repeat_interleave(3)  # 6 children: each root tries 3 actions
@@ -214,7 +202,7 @@ def test_state_dict_round_trip_is_exact(tmp_path):
     atomic_torch_save(m.state_dict(), path)
     m2 = WorldActionModel(model_preset("tiny")).eval()
     m2.load_state_dict(safe_torch_load(path))
-    seq = sequence(2, 2)
+    seq = token_sequence(2, 2)
     assert torch.equal(m.backbone(seq, torch.tensor([1, 2])), m2.backbone(seq, torch.tensor([1, 2])))
     assert torch.equal(m2.action_masks, m.action_masks)
     assert "head_q_target.weights.0" in m2.state_dict()
