@@ -227,8 +227,8 @@ class Tokenizer(nn.Module):
     def _inference_layout(self, *nets: nn.Module) -> torch.memory_format:
         """Channels-last weights (and inputs) for CPU inference: oneDNN's convolutions then skip a layout
         conversion per layer (paper encoder, 2 threads: 23 -> 17 ms for 1 frame, 298 -> 270 ms for 16,
-        measured; same tokens; no gain for the decoder). Applied once, in place; checkpoints are written contiguous (`tokenizer_to_dict`),
-        so their bytes and checksums do not depend on it. GPUs keep the default layout."""
+        measured; same tokens; no gain for the decoder). Applied once, in place; `tokenizer_to_dict` saves
+        standard strides, so what is saved does not depend on it. GPUs keep the default layout."""
         if self.embedding.weight.device.type != "cpu":
             return torch.contiguous_format
         for net in nets:

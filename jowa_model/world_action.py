@@ -217,7 +217,8 @@ class Linear(nn.Linear):
         hit = cache.get((rows, dtype))
         if hit is None or hit[0][0] is not w or hit[0][1:] != stamp[1:]:
             lo, hi = rows or (0, w.shape[0])
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach()[lo:hi].to(dtype).contiguous(), PACK_BATCH_HINT)
+            weight = w.detach()[lo:hi].to(dtype).contiguous()
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
             bias = None if b is None else b.detach()[lo:hi].to(dtype).contiguous()
             hit = cache[(rows, dtype)] = (stamp, packed, bias)
         return hit[1], hit[2]
@@ -233,7 +234,6 @@ class Linear(nn.Linear):
         state = dict(self.__dict__)
         state.pop("_packs", None)  # opaque oneDNN tensors cannot be copied or pickled; rebuilt on demand
         return state
-
 
 
 def drop_packed_weights(model: nn.Module) -> None:
