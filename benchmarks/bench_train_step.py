@@ -4,7 +4,11 @@ Same step as the official anchor (official-anchors.md item 4a: JOWA-40M, B=8 seg
 bf16 autocast on CPU, 2 threads: 939 ms/step = 2,522 tokens/s): one row terminates at step 5 and is right-padded
 for 2 steps, random actions / rewards in {-1,0,1} / tasks, model in train mode, target copy after the step.
 
-    python benchmarks/bench_train_step.py --config 40M --batch 8 --bf16 [--json]
+    python benchmarks/bench_train_step.py --config 40M --batch 8 --bf16 [--matmul-floor] [--json]
+
+--matmul-floor also times the step's own matrix products (every mm/addmm/bmm/baddbmm of the forward and backward,
+timed one by one inside a few extra steps) and reports their sum: the part of the step that only a faster GEMM could
+shorten, and so how much time any target leaves for everything else.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from jowa_model.losses import LossConfig, compute_loss
 from jowa_model.presets import model_preset
@@ -38,8 +43,42 @@ def make_batch(cfg, batch: int, steps: int, gen: torch.Generator) -> dict[str, t
     return b
 
 
+_aten = torch.ops.aten
+MATMUL_OPS = (_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default)
+
+
+class MatmulRecorder(TorchDispatchMode):
+    """Times every matrix product that reaches the kernels (below autocast, so in the dtypes that really run),
+    forward and backward. `calls`: (op, [(shape, stride, dtype) or scalar per argument], seconds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in MATMUL_OPS:
+            return func(*args, **kwargs)
+        t0 = time.perf_counter()
+        out = func(*args, **kwargs)
+        dt = time.perf_counter() - t0
+        spec = [(tuple(a.shape), tuple(a.stride()), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+        self.calls.append((func, spec, dt))
+        return out
+
+
+def matmul_flop(func, spec) -> int:
+    """FLOPs of one recorded product (2 per multiply-add)."""
+    if func in (_aten.mm.default, _aten.bmm.default):
+        a, b = spec[0][0], spec[1][0]
+    else:  # addmm / baddbmm: (input, mat1, mat2, ...)
+        a, b = spec[1][0], spec[2][0]
+    batch = a[0] if len(a) == 3 else 1
+    return 2 * batch * a[-2] * a[-1] * b[-1]
+
+
 def run(config: str = "40M", batch: int = 8, steps: int = 8, bf16: bool = False, threads: int = 2, warmup: int = 3,
-        reps: int = 10, compile: bool = False, log=None) -> dict:
+        reps: int = 10, compile: bool = False, log=None, matmul_floor: bool = False) -> dict:
     """Median ms/step and tokens/s of the stage-2 step for one preset; `log(msg)` gets one line per step."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -83,6 +122,16 @@ def run(config: str = "40M", batch: int = 8, steps: int = 8, bf16: bool = False,
     out["gflop_per_s"] = round(out["gflop_per_step"] / ms * 1000, 1)
     if config == "40M" and bf16 and batch == 8 and steps == 8:
         out["speedup_vs_official"] = round(out["tokens_per_s"] / OFFICIAL_40M_BF16_TOK_S, 2)
+    if matmul_floor:  # extra steps, each timed product by product (the recorder's own overhead stays outside)
+        per_step = []
+        for i in range(max(3, reps // 2)):
+            with MatmulRecorder() as rec:
+                step(warmup + reps + 1 + i)
+            per_step.append(sum(dt for _, _, dt in rec.calls))
+        mm_s = statistics.median(per_step)
+        gflop = sum(matmul_flop(f, spec) for f, spec, _ in rec.calls) / 1e9
+        out.update(matmul_calls=len(rec.calls), matmul_gflop=round(gflop, 1), matmul_ms=round(1000 * mm_s, 1),
+                   matmul_gflop_per_s=round(gflop / mm_s, 1), other_ms=round(ms - 1000 * mm_s, 1))
     return out
 
 
@@ -107,10 +156,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the model (experimental; slower here: 1682 vs 1390 CPU ms/step, 1 thread)")
+    ap.add_argument("--matmul-floor", action="store_true",
+                    help="also time the step's matrix products one by one (the GEMM-bound part of the step)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     out = run(args.config, args.batch, args.steps, args.bf16, args.threads, args.warmup, args.reps, args.compile,
-              log=lambda msg: print(msg, file=sys.stderr))
+              log=lambda msg: print(msg, file=sys.stderr), matmul_floor=args.matmul_floor)
     ms = out["ms_per_step"]
     if args.json:
         print(json.dumps(out))
@@ -120,6 +171,10 @@ def main(argv: list[str] | None = None) -> dict:
               + (f" ({out['speedup_vs_official']}x official 2,522 tok/s)" if "speedup_vs_official" in out else "")
               + f"; CPU {out['cpu_ms_per_step']:.0f} ms/step; {out['gflop_per_step']} GFLOP/step = "
               f"{out['gflop_per_s']} GFLOP/s; load {out['load_avg'][0]} -> {out['load_avg'][1]}")
+        if "matmul_ms" in out:
+            print(f"  of which matrix products: {out['matmul_calls']} calls, {out['matmul_gflop']} GFLOP, "
+                  f"{out['matmul_ms']:.1f} ms ({out['matmul_gflop_per_s']:.0f} GFLOP/s); everything else "
+                  f"{out['other_ms']:.1f} ms")
     return out
 
 

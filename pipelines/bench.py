@@ -80,6 +80,7 @@ class TrainBench:
     steps: int = 8  # steps per segment, L (official anchor: 8)
     warmup: int = 1  # untimed steps
     reps: int = 3  # timed steps (median)
+    matmul_floor: bool = True  # also time the step's own matrix products (what only a faster GEMM would shorten)
 
 
 @dataclass
@@ -260,7 +261,8 @@ def run_train(cfg: BenchConfig, work: Path, state: dict, log: Log) -> dict:
             if dt not in ("fp32", "bf16"):
                 raise ConfigError(f"train.dtypes: '{dt}' is not fp32 or bf16")
             log(f"train step {preset} {dt}")
-            out[f"{preset}.{dt}"] = bt.run(preset, c.batch, c.steps, dt == "bf16", cfg.threads, c.warmup, c.reps)
+            out[f"{preset}.{dt}"] = bt.run(preset, c.batch, c.steps, dt == "bf16", cfg.threads, c.warmup, c.reps,
+                                           matmul_floor=c.matmul_floor)
     return out
 
 
@@ -355,6 +357,11 @@ def figures(section: str, r: dict) -> list[dict[str, Any]]:
                           f"{preset} {dt}, B={x['batch']} L={x['steps']} ({x['ms_per_step']:.0f} ms/step, "
                           f"CPU {x['cpu_ms_per_step']:.0f} ms{gf})",
                           x["tokens_per_s"], "tokens/s", ref))
+            if "matmul_ms" in x:
+                f.append(_fig(section, f"train.{k}.matmul_ms",
+                              f"{preset} {dt}: of which its {x['matmul_calls']} matrix products ({x['matmul_gflop']} GFLOP "
+                              f"at {x['matmul_gflop_per_s']:.0f} GFLOP/s; rest of the step {x['other_ms']:.0f} ms)",
+                              x["matmul_ms"], "ms", higher_is_better=False))
     elif section == "tokenizer":
         presets = sorted({k.split(".")[0] for k in r if k.endswith("frames_per_s") and k.count(".") == 3})
         for p in presets:

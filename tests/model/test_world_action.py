@@ -270,8 +270,7 @@ def test_cpu_training_attention_equals_sdpa_without_drops(chunks):
     assert not torch.allclose(y, ref)  # some probabilities were dropped
 
 
-def test_train_step_benchmark_runs_tiny(capsys):
-    """Smoke run of benchmarks/bench_train_step.py (no timing asserted): the full stage-2 step executes."""
+def _bench_train_step_module():
     import importlib.util
     from pathlib import Path
 
@@ -279,11 +278,34 @@ def test_train_step_benchmark_runs_tiny(capsys):
     spec = importlib.util.spec_from_file_location("bench_train_step", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_train_step_benchmark_runs_tiny(capsys):
+    """Smoke run of benchmarks/bench_train_step.py (no timing asserted): the full stage-2 step executes."""
+    bench = _bench_train_step_module()
     out = bench.main(["--config", "tiny", "--batch", "2", "--warmup", "0", "--reps", "1", "--bf16", "--threads", "1",
-                      "--json"])
+                      "--matmul-floor", "--json"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
     assert out["tokens_per_s"] > 0 and out["trainable_params"] == 541_361
     assert bench.step_gflop(model_preset("40M"), 8, 8) == pytest.approx(205.48, abs=0.01)
+    # 2 layers x 4 Linears, each with a forward, dX and dW product: the backward's products are counted too
+    assert out["matmul_calls"] > 3 * 2 * 4 and out["matmul_gflop"] > 0 and out["matmul_ms"] > 0
+
+
+def test_matmul_recorder_sees_backward_and_counts_flops():
+    """The matmul floor of `bench_train_step --matmul-floor` must include the backward's products, exactly counted."""
+    bench = _bench_train_step_module()
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4, requires_grad=True)
+    a, b = torch.randn(2, 5, 6, requires_grad=True), torch.randn(2, 6, 7)
+    with bench.MatmulRecorder() as rec:
+        (lin(x).sum() + (a @ b).sum()).backward()
+    ops = sorted(str(f) for f, _, _ in rec.calls)
+    assert ops == ["aten.addmm.default", "aten.bmm.default", "aten.bmm.default", "aten.mm.default", "aten.mm.default"]
+    flop = sum(bench.matmul_flop(f, spec) for f, spec, _ in rec.calls)
+    assert flop == 3 * 2 * 5 * 4 * 3 + 2 * (2 * 2 * 5 * 6 * 7)  # Linear fwd + dX + dW; bmm fwd + dA (b needs none)
+    assert all(dt > 0 for _, _, dt in rec.calls)
 
 
 def test_cli_model_info_bad_override_exits_1():
