@@ -359,8 +359,9 @@ def figures(section: str, r: dict) -> list[dict[str, Any]]:
                           x["tokens_per_s"], "tokens/s", ref))
             if "matmul_ms" in x:
                 f.append(_fig(section, f"train.{k}.matmul_ms",
-                              f"{preset} {dt}: of which its {x['matmul_calls']} matrix products ({x['matmul_gflop']} GFLOP "
-                              f"at {x['matmul_gflop_per_s']:.0f} GFLOP/s; rest of the step {x['other_ms']:.0f} ms)",
+                              f"{preset} {dt}: of which its {x['matmul_calls']} matrix products "
+                              f"({x['matmul_gflop']} GFLOP at {x['matmul_gflop_per_s']:.0f} GFLOP/s; "
+                              f"rest of the step {x['other_ms']:.0f} ms)",
                               x["matmul_ms"], "ms", higher_is_better=False))
     elif section == "tokenizer":
         presets = sorted({k.split(".")[0] for k in r if k.endswith("frames_per_s") and k.count(".") == 3})

@@ -15,6 +15,7 @@ from jowa_data.manifest import load_manifests
 from jowa_model.presets import PRESETS, model_preset
 from jowa_model.world_action import (EnsembleQHead, WorldActionConfig, WorldActionModel, action_masks_from_manifests,
                                      dropout)
+from pipelines.bench import _script
 from tests.fixtures_model import tiny_model, token_sequence
 
 torch.set_num_threads(1)
@@ -270,20 +271,9 @@ def test_cpu_training_attention_equals_sdpa_without_drops(chunks):
     assert not torch.allclose(y, ref)  # some probabilities were dropped
 
 
-def _bench_train_step_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_train_step.py"
-    spec = importlib.util.spec_from_file_location("bench_train_step", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_train_step_benchmark_runs_tiny(capsys):
     """Smoke run of benchmarks/bench_train_step.py (no timing asserted): the full stage-2 step executes."""
-    bench = _bench_train_step_module()
+    bench = _script("bench_train_step")
     out = bench.main(["--config", "tiny", "--batch", "2", "--warmup", "0", "--reps", "1", "--bf16", "--threads", "1",
                       "--matmul-floor", "--json"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
@@ -295,7 +285,7 @@ def test_train_step_benchmark_runs_tiny(capsys):
 
 def test_matmul_recorder_sees_backward_and_counts_flops():
     """The matmul floor of `bench_train_step --matmul-floor` must include the backward's products, exactly counted."""
-    bench = _bench_train_step_module()
+    bench = _script("bench_train_step")
     lin = torch.nn.Linear(4, 3)
     x = torch.randn(5, 4, requires_grad=True)
     a, b = torch.randn(2, 5, 6, requires_grad=True), torch.randn(2, 6, 7)
@@ -303,7 +293,7 @@ def test_matmul_recorder_sees_backward_and_counts_flops():
         (lin(x).sum() + (a @ b).sum()).backward()
     ops = sorted(str(f) for f, _, _ in rec.calls)
     assert ops == ["aten.addmm.default", "aten.bmm.default", "aten.bmm.default", "aten.mm.default", "aten.mm.default"]
-    flop = sum(bench.matmul_flop(f, spec) for f, spec, _ in rec.calls)
+    flop = sum(bench.matmul_flop(f, shapes) for f, shapes, _ in rec.calls)
     assert flop == 3 * 2 * 5 * 4 * 3 + 2 * (2 * 2 * 5 * 6 * 7)  # Linear fwd + dX + dW; bmm fwd + dA (b needs none)
     assert all(dt > 0 for _, _, dt in rec.calls)
 
