@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +44,29 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def sample_key(key: str, start: int) -> str:
     return f"{key}_{start:010d}"
+
+
+MEMBERS = frozenset([f"{f}.npy" for f in FIELDS] + ["meta.json"])  # the only members a jowa sample holds
+
+
+def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """Decode one webdataset sample with explicit decoders for exactly the members jowa writes: `.npy` through
+    `np.load(allow_pickle=False)`, `meta.json` through `json`. Any other member is refused (naming the tar and
+    the member) and never decoded: a tar from elsewhere cannot make the reader run code."""
+    url = raw.get("__url__", "?")
+    out: dict[str, Any] = {k: v for k, v in raw.items() if k.startswith("__")}
+    for name, data in raw.items():
+        if name.startswith("__"):
+            continue
+        if name not in MEMBERS:
+            raise DatasetError(f"{url}: member {raw.get('__key__')}.{name} is not a jowa member "
+                               f"(expected {', '.join(sorted(MEMBERS))}); refusing to read this tar")
+        try:
+            out[name] = (json.loads(data) if name == "meta.json"
+                         else np.load(io.BytesIO(data), allow_pickle=False))
+        except (ValueError, OSError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{url}: member {raw.get('__key__')}.{name} cannot be decoded ({e})") from e
+    return out
 
 
 class WdsBackend:
@@ -89,10 +112,12 @@ class WdsBackend:
             raise DatasetError(f"{self._dir(root, game)}: no tars for task {key}")
         pieces: dict[str, list[np.ndarray]] = {f: [] for f in FIELDS}
         expect = 0
-        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                            empty_check=False).decode()
+        wds.utils.enforce_security = True  # webdataset's secure mode: its decoders refuse pickle and torch.load
+        # No `.decode()`: its default handlers unpickle .pyd/.pickle members. We decode exactly what we write.
+        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
         try:
-            for sample in ds:
+            for raw in ds:
+                sample = decode_sample(raw)
                 where = f"{sample.get('__url__', urls[0])}: sample {sample.get('__key__')}"
                 missing = [f for f in FIELDS if f"{f}.npy" not in sample] + (["meta"] if "meta.json" not in sample else [])
                 if missing:
