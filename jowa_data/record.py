@@ -6,117 +6,26 @@ Dopamine's data collection loop (`Runner._run_one_episode`, 2019): the stored ro
 of an episode (game over or the step cap; a lost life is not terminal). The final next-observation
 is never stored. The last episode is cut when `steps` runs out (it has no terminal).
 
-Policies are `(obs (84,84) uint8, rng: np.random.Generator, num_actions) -> minimal action index`,
-built from a spec string by `make_policy`:
-
-* `random`: uniform over the minimal action set;
-* `noop`: always action 0;
-* `epsilon:<eps>[:<inner>]`: with probability eps a uniform action, else `<inner>` (default `noop`);
-* `module:function` or `path/to/file.py:function`: any callable with the policy signature, or a
-  factory `f()` / `f(num_actions)` that returns one.
+The behaviour policy is a spec string or a callable (`jowa_data.policies`: random, heuristic
+controllers, epsilon schedules that decay over the recording).
 
 All randomness comes from the seed: the ALE seed and the policy's Generator are derived from it.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from jowa_data.atari import AtariConfig, AtariEnv
 from jowa_data.errors import ConfigError, ManifestError
 from jowa_data.manifest import GameManifest
+from jowa_data.policies import Policy, bind_policy, make_policy
 from jowa_data.replay_writer import LoggedCheckpoint, ReplayLogger
-
-Policy = Callable[[np.ndarray, np.random.Generator, int], int]
-
-
-# --- policies -----------------------------------------------------------------------------------
-
-def random_policy(obs: np.ndarray, rng: np.random.Generator, num_actions: int) -> int:
-    return int(rng.integers(num_actions))
-
-
-def noop_policy(obs: np.ndarray, rng: np.random.Generator, num_actions: int) -> int:
-    return 0
-
-
-def epsilon_policy(eps: float, inner: Policy) -> Policy:
-    """ε-greedy around `inner`: one uniform draw per step decides, then the chosen policy acts."""
-
-    def act(obs: np.ndarray, rng: np.random.Generator, num_actions: int) -> int:
-        if rng.random() < eps:
-            return int(rng.integers(num_actions))
-        return inner(obs, rng, num_actions)
-
-    return act
-
-
-def _load_callable(spec: str) -> Callable:
-    mod_name, _, attr = spec.rpartition(":")
-    try:
-        if mod_name.endswith(".py"):
-            path = Path(mod_name)
-            if not path.is_file():
-                raise ConfigError(f"policy '{spec}': file {path} not found")
-            s = importlib.util.spec_from_file_location(f"_jowa_policy_{path.stem}", path)
-            module = importlib.util.module_from_spec(s)
-            s.loader.exec_module(module)
-        else:
-            module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ConfigError(f"policy '{spec}': cannot import module '{mod_name}' ({e})") from e
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"policy '{spec}': '{mod_name}' has no callable '{attr}'")
-    return fn
-
-
-def _required_params(fn: Callable) -> int:
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return 3
-    return sum(1 for p in sig.parameters.values()
-               if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-
-
-def make_policy(spec: str, num_actions: int) -> Policy:
-    """Build a policy from its spec string (see the module docstring). Errors are `ConfigError`."""
-    spec = spec.strip()
-    if spec == "random":
-        return random_policy
-    if spec == "noop":
-        return noop_policy
-    if spec.startswith("epsilon:"):
-        _, eps_s, inner = (spec.split(":", 2) + ["noop"])[:3]
-        try:
-            eps = float(eps_s)
-        except ValueError:
-            raise ConfigError(f"policy '{spec}': epsilon must be a number in [0, 1], got '{eps_s}'") from None
-        if not 0.0 <= eps <= 1.0:
-            raise ConfigError(f"policy '{spec}': epsilon must be in [0, 1], got {eps}")
-        return epsilon_policy(eps, make_policy(inner or "noop", num_actions))
-    if ":" in spec:
-        fn = _load_callable(spec)
-        n = _required_params(fn)
-        if n >= 3:
-            return fn
-        obj = fn(num_actions) if n == 1 else fn()  # a factory
-        if not callable(obj):
-            raise ConfigError(f"policy '{spec}': factory returned {type(obj).__name__}, not a callable policy")
-        return obj
-    raise ConfigError(f"unknown policy '{spec}': use random, noop, epsilon:<eps>[:<inner>], "
-                      f"module:function or file.py:function")
-
 
 # --- recording ----------------------------------------------------------------------------------
 
@@ -215,7 +124,8 @@ def record(manifest: GameManifest, out_root: str | os.PathLike, run: str | int =
                             f"from ALE's minimal action set for ROM '{manifest.ale_rom}': {list(env.minimal_actions)}")
     n_act = env.num_actions
     pol_name = policy if isinstance(policy, str) else getattr(policy, "__name__", repr(policy))
-    act = make_policy(policy, n_act) if isinstance(policy, str) else policy
+    act = make_policy(policy, n_act, rom=manifest.ale_rom, steps=steps) if isinstance(policy, str) else policy
+    bind_policy(act, env)
 
     actions = np.zeros(steps, np.int32)
     rewards = np.zeros(steps, np.float32)

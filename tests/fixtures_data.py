@@ -7,7 +7,7 @@ skipped, so every played step is readable: compare a reader's episodes with
 `result.episode_slices()` (== `result.expected_episodes()` here) and `result.frames[sl]`,
 `result.actions[sl]`, `result.rewards[sl]`, `result.terminals[sl]`.
 
-`breakout_manifest_dir`: a folder holding only `Breakout.toml` (task id 13, NOOP/FIRE/RIGHT/LEFT):
+`bowling_manifest_dir`: a folder holding only `Bowling.toml` (task id 11, NOOP/FIRE/RIGHT/LEFT):
 a game defined by a manifest file alone.
 
 `make_recorded_replay(root, games, runs, ...)` builds more (other runs, capacities) for own fixtures.
@@ -28,18 +28,18 @@ FIXTURE_CAPACITY = 500  # rows per checkpoint file (DQN-Replay: 1,000,000)
 FIXTURE_STEPS = 1130  # agent steps per game: 7 full episodes + a cut one
 FIXTURE_MAX_EPISODE_STEPS = 150  # step cap (Dopamine: 27,000)
 
-BREAKOUT_TOML = """\
+BOWLING_TOML = """\
 # A game outside the shipped manifests: defined by this file alone.
-name = "Breakout"
-ale_rom = "breakout"
+name = "Bowling"
+ale_rom = "bowling"
 split = "other"
-task_id = 13
-actions = ["NOOP", "FIRE", "RIGHT", "LEFT"]
+task_id = 11
+actions = ["NOOP", "FIRE", "UP", "DOWN", "UPFIRE", "DOWNFIRE"]
 
 [scores]
-random = 1.7
-human = 30.5
-dqn = 303.9
+random = 23.1
+human = 160.7
+dqn = 42.4
 """
 
 
@@ -83,7 +83,7 @@ def recorded_replay(tmp_path_factory) -> RecordedReplay:
 
 
 @pytest.fixture(scope="session")
-def breakout_manifest_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("manifests_breakout")
-    (d / "Breakout.toml").write_text(BREAKOUT_TOML)
+def bowling_manifest_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("manifests_bowling")
+    (d / "Bowling.toml").write_text(BOWLING_TOML)
     return d

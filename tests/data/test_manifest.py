@@ -10,29 +10,31 @@ from jowa_data import actions as A
 from jowa_data.cli import main as cli
 from jowa_data.errors import ManifestError
 from jowa_data.manifest import load_manifest, load_manifests
-from tests.fixtures_data import BREAKOUT_TOML
+from tests.fixtures_data import BOWLING_TOML
 
 PAPER_PRETRAIN = {"Phoenix", "Centipede", "SpaceInvaders", "Carnival", "NameThisGame", "Assault", "Atlantis",
                   "DemonAttack", "BeamRider", "ChopperCommand", "Seaquest", "TimePilot", "StarGunner", "Berzerk",
                   "Zaxxon"}
 PAPER_HELDOUT = {"Pong", "Robotank", "YarsRevenge", "Gravitar", "MsPacman"}
 
-GOOD = BREAKOUT_TOML  # one definition of the new-game manifest, shared with the recording fixtures
+GOOD = BOWLING_TOML  # one definition of the new-game manifest, shared with the recording fixtures
 
 
-def write(tmp_path: Path, text: str, name: str = "Breakout") -> Path:
+def write(tmp_path: Path, text: str, name: str = "Bowling") -> Path:
     p = tmp_path / f"{name}.toml"
     p.write_text(text)
     return p
 
 
-def test_shipped_manifests_are_the_papers_20_games_and_one_extra():
+def test_shipped_manifests_are_the_papers_20_games_and_three_extra():
     reg = load_manifests()
     assert {m.name for m in reg.split("pretrain")} == PAPER_PRETRAIN
     assert {m.name for m in reg.split("finetune")} == PAPER_HELDOUT
-    assert {m.name for m in reg.split("other")} == {"FishingDerby"}  # the CPU pretraining run's game
-    assert len({m.task_id for m in reg}) == 21
+    # the CPU pretraining run's game and `jowa bench learn`'s two games with heuristic controllers
+    assert {m.name for m in reg.split("other")} == {"FishingDerby", "Breakout", "Freeway"}
+    assert len({m.task_id for m in reg}) == 23
     assert reg.get("FishingDerby").task_id == 22 and reg.get("Gravitar").task_id == 26  # alphabetical 60-game ids
+    assert reg.get("Breakout").task_id == 13 and reg.get("Freeway").task_id == 23
     # official game ids (alphabetical 60-game list) and the Table 17 beam widths
     assert reg.get("Phoenix").task_id == 37 and reg.get("Pong").task_id == 39
     assert reg.get("Berzerk").planning.beam_width == 4 and reg.get("Seaquest").planning.beam_width == 3
@@ -63,17 +65,17 @@ def test_action_tables():
 def test_new_game_from_one_file(tmp_path):
     p = write(tmp_path, GOOD)
     m = load_manifest(p)
-    assert m.name == "Breakout" and m.task_id == 13 and m.num_actions == 4
+    assert m.name == "Bowling" and m.task_id == 11 and m.num_actions == 6
     reg = load_manifests([tmp_path])
-    assert reg.get("breakout") is reg.get("Breakout")
+    assert reg.get("bowling") is reg.get("Bowling")
 
 
 @pytest.mark.parametrize("mutation, key", [
-    (lambda s: s.replace("task_id = 13", "taskid = 13"), "taskid"),  # misspelt key
-    (lambda s: s.replace("task_id = 13", 'task_id = "13"'), "task_id"),  # wrong type
-    (lambda s: s.replace('"LEFT"]', '"LEFTT"]'), "actions"),  # unknown ALE action
+    (lambda s: s.replace("task_id = 11", "taskid = 11"), "taskid"),  # misspelt key
+    (lambda s: s.replace("task_id = 11", 'task_id = "11"'), "task_id"),  # wrong type
+    (lambda s: s.replace('"DOWNFIRE"]', '"DOWNFIRRE"]'), "actions"),  # unknown ALE action
     (lambda s: s.replace('split = "other"', 'split = "train"'), "split"),
-    (lambda s: s.replace("human = 30.5\n", ""), "scores.human"),  # missing key
+    (lambda s: s.replace("human = 160.7\n", ""), "scores.human"),  # missing key
     (lambda s: s + "[data]\nfraction = 1.5\n", "data.fraction"),
     (lambda s: s + "[planning]\nbeam = 2\n", "planning.beam"),
 ])
@@ -92,8 +94,8 @@ def test_misspelt_key_suggests_the_right_one(tmp_path):
 
 def test_duplicate_task_id_is_an_error(tmp_path):
     write(tmp_path, GOOD)
-    write(tmp_path, GOOD.replace("Breakout", "Breakout2"), name="Breakout2")
-    with pytest.raises(ManifestError, match="duplicate task id 13"):
+    write(tmp_path, GOOD.replace("Bowling", "Bowling2"), name="Bowling2")
+    with pytest.raises(ManifestError, match="duplicate task id 11"):
         load_manifests([tmp_path])
 
 
@@ -110,10 +112,10 @@ def test_unknown_game_suggests():
 
 def test_cli_manifests_table_and_json(tmp_path):
     r = CliRunner().invoke(cli, ["manifests"])
-    assert r.exit_code == 0 and "SpaceInvaders" in r.output and "21 game manifests" in r.output
+    assert r.exit_code == 0 and "SpaceInvaders" in r.output and "23 game manifests" in r.output
     r = CliRunner().invoke(cli, ["manifests", "--json", "--manifests", str(tmp_path)])
     assert r.exit_code == 0 and r.output.strip() == "[]"
-    write(tmp_path, GOOD.replace("task_id = 13", "taskid = 13"))
+    write(tmp_path, GOOD.replace("task_id = 11", "taskid = 11"))
     r = CliRunner().invoke(cli, ["manifests", "--manifests", str(tmp_path)])
-    assert r.exit_code == 1 and "Breakout.toml" in r.output and "taskid" in r.output
+    assert r.exit_code == 1 and "Bowling.toml" in r.output and "taskid" in r.output
     assert "Traceback" not in r.output

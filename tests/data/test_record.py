@@ -12,7 +12,8 @@ from jowa_data.atari import AtariConfig, AtariEnv
 from jowa_data.cli import main as cli
 from jowa_data.errors import ConfigError, ManifestError
 from jowa_data.manifest import load_manifests, parse_manifest
-from jowa_data.record import make_policy, record
+from jowa_data.policies import make_policy
+from jowa_data.record import record
 
 
 def load(d, name, suffix):
@@ -98,13 +99,13 @@ def test_fixture_games_differ_and_frames_are_real(recorded_replay):
     assert phoenix.actions.max() == 7 and pong.actions.max() == 5  # 8 and 6 minimal actions
 
 
-def test_breakout_from_a_manifest_folder_records_without_code_change(tmp_path, breakout_manifest_dir):
-    reg = load_manifests([breakout_manifest_dir])
-    m = reg.get("Breakout")
-    assert m.task_id == 13 and m.actions == ("NOOP", "FIRE", "RIGHT", "LEFT")
+def test_bowling_from_a_manifest_folder_records_without_code_change(tmp_path, bowling_manifest_dir):
+    reg = load_manifests([bowling_manifest_dir])
+    m = reg.get("Bowling")
+    assert m.task_id == 11 and m.actions == ("NOOP", "FIRE", "UP", "DOWN", "UPFIRE", "DOWNFIRE")
     r = record(m, tmp_path, run=3, steps=120, seed=0, capacity=50, max_episode_steps=40, progress=False)
-    assert r.actions.max() <= 3 and r.num_episodes == 3 and r.meta["task_id"] == 13
-    assert (tmp_path / "Breakout" / "3" / "replay_logs" / "add_count_ckpt.0.gz").is_file()
+    assert r.actions.max() <= 5 and r.num_episodes == 3 and r.meta["task_id"] == 11
+    assert (tmp_path / "Bowling" / "3" / "replay_logs" / "add_count_ckpt.0.gz").is_file()
 
 
 def test_manifest_actions_must_match_ale_minimal_set(tmp_path):
@@ -219,7 +220,7 @@ def test_policy_out_of_range_action(tmp_path, reg):
 
 # --- CLI --------------------------------------------------------------------------------------------
 
-def test_cli_record(tmp_path, breakout_manifest_dir):
+def test_cli_record(tmp_path, bowling_manifest_dir):
     import json
 
     runner = CliRunner()
@@ -239,11 +240,11 @@ def test_cli_record(tmp_path, breakout_manifest_dir):
     assert res.exit_code == 1 and "unknown game 'Pongg'" in res.output and "Pong" in res.output
     assert "Traceback" not in res.output
 
-    res = runner.invoke(cli, ["record", "Breakout", "--out", str(tmp_path), "--steps", "20", "--quiet",
-                              "--manifests", str(breakout_manifest_dir), "--capacity", "16", "--compresslevel", "1"])
+    res = runner.invoke(cli, ["record", "Bowling", "--out", str(tmp_path), "--steps", "20", "--quiet",
+                              "--manifests", str(bowling_manifest_dir), "--capacity", "16", "--compresslevel", "1"])
     assert res.exit_code == 0, res.output
-    assert "Breakout run 1: 20 steps" in res.stdout
-    bd = tmp_path / "Breakout" / "1" / "replay_logs"
+    assert "Bowling run 1: 20 steps" in res.stdout
+    bd = tmp_path / "Bowling" / "1" / "replay_logs"
     assert load(bd, "$store$_action", 1).shape == (16,) and int(load(bd, "add_count", 1)) == (20 + 3) % 16
 
     res = runner.invoke(cli, ["record", "Pong", "--out", str(tmp_path / "x"), "--steps", "5", "--policy", "bogus"])
