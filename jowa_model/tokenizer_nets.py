@@ -195,3 +195,37 @@ def official_init_(module: nn.Module) -> None:
             nn.init.orthogonal_(m.weight, gain=gain)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+class PatchEncoder(nn.Module):
+    """`arch="patch"` (the `tiny` preset): each grid cell's pixels (14x14 for 84 -> 6x6) through one shared MLP,
+    (N, 1, 84, 84) -> (N, z_channels, 6, 6). A cell's code depends on its own pixels only, so equal patches get
+    equal tokens. Not in the paper: on a CPU it trains ~6x more frames/s than the narrow convnet and, with the
+    foreground-weighted L1, keeps sprites that the convnet blurs away at the same wall time (docs/tokenizer.md)."""
+
+    def __init__(self, cfg: "TokenizerConfig") -> None:
+        super().__init__()
+        self.patch = cfg.resolution // cfg.grid_size
+        d, h = cfg.in_channels * self.patch ** 2, cfg.patch_hidden
+        self.net = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, cfg.z_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, r, _ = x.shape
+        g = r // self.patch
+        cells = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (N, g*g, C*p*p), row-major grid
+        return self.net(cells).transpose(1, 2).reshape(n, -1, g, g)
+
+
+class PatchDecoder(nn.Module):
+    """`arch="patch"`: each cell's code vector back to its pixels through one shared MLP (the inverse layout)."""
+
+    def __init__(self, cfg: "TokenizerConfig") -> None:
+        super().__init__()
+        self.patch, self.resolution = cfg.resolution // cfg.grid_size, cfg.resolution
+        d, h = cfg.out_channels * self.patch ** 2, cfg.patch_hidden
+        self.net = nn.Sequential(nn.Linear(cfg.z_channels, h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, d))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        cells = self.net(z.flatten(2).transpose(1, 2))  # (N, g*g, C*p*p)
+        r = self.resolution
+        return F.fold(cells.transpose(1, 2), (r, r), self.patch, stride=self.patch)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jowa_data.errors import DatasetError, ReplayFormatError
-from jowa_data.io import atomic_path
+from jowa_data.io import atomic_path, atomic_write_json
 
 FRAME_SHAPE = (84, 84)
 
@@ -81,6 +81,12 @@ def materialize_frames(index_path: str | Path, replay_root: str | Path, out: str
             if left is not None:
                 left -= take
     total = sum(t for _, t in plan)
+    segments, start = [], 0  # which rows hold which game: the tokenizer's per-game backgrounds need it
+    for game in by_game:
+        n = sum(t for e, t in plan if e["game"] == game)
+        segments.append({"game": game, "start": start, "stop": start + n})
+        start += n
+    atomic_write_json(segments_path(out), {"segments": segments})  # before the .npy, whose presence means done
     refs_cache: dict[tuple[str, int], dict[int, Any]] = {}
     with atomic_path(out, suffix=".npy") as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(total, *FRAME_SHAPE))
@@ -106,6 +112,34 @@ def materialize_frames(index_path: str | Path, replay_root: str | Path, out: str
         arr.flush()
         del arr
     return Path(out)
+
+
+def segments_path(frames_path: str | Path) -> Path:
+    """Where `materialize_frames` records which rows of FRAMES.npy hold which game: FRAMES.games.json."""
+    p = Path(frames_path)
+    return p.with_name(p.stem + ".games.json")
+
+
+def frame_backgrounds(frames: np.ndarray, frames_path: str | Path, sample: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Each game's background (per-pixel median of up to `sample` evenly spaced frames) and each row's game:
+    (G, 84, 84) uint8, (N,) int. Atari backgrounds are static, so the median frame is the screen without its
+    sprites. A frames file without a games record (`segments_path`) counts as one game."""
+    import json
+
+    n = frames.shape[0]
+    p = segments_path(frames_path)
+    segs = json.loads(p.read_text(encoding="utf-8"))["segments"] if p.is_file() else [{"start": 0, "stop": n}]
+    if segs and (segs[0]["start"] != 0 or segs[-1]["stop"] != n):
+        raise DatasetError(f"{p}: its segments cover rows {segs[0]['start']}..{segs[-1]['stop']}, the frames file "
+                           f"{frames_path} holds {n}")
+    game_of = np.zeros(n, dtype=np.int64)
+    bgs = []
+    for g, seg in enumerate(segs):
+        a, b = int(seg["start"]), int(seg["stop"])
+        idx = np.unique(np.linspace(a, b - 1, num=min(sample, b - a)).astype(np.int64))
+        bgs.append(np.median(np.asarray(frames[idx]), axis=0).astype(np.uint8))
+        game_of[a:b] = g
+    return np.stack(bgs), game_of
 
 
 class FrameSampler:

@@ -34,7 +34,7 @@ from jowa_data.errors import CheckpointError, ConfigError
 from jowa_data.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
 from jowa_model.tokenizer import (CodebookMonitor, Tokenizer, TokenizerConfig, save_tokenizer, tokenizer_from_dict,
                                   tokenizer_preset, tokenizer_to_dict)
-from pipelines.frames import FrameSampler, gather, materialize_frames, open_frames
+from pipelines.frames import FrameSampler, frame_backgrounds, gather, materialize_frames, open_frames
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,15 @@ class TokenizerTrainConfig:
 
 
 def train_preset(name: str) -> TokenizerTrainConfig:
-    """`paper` (appendix E) or `tiny` (CPU: small model, batch 32, lr 1e-3, perceptual off, 2000 steps)."""
+    """`paper` (appendix E) or `tiny` (CPU: patch MLPs, batch 64, lr 1e-3, perceptual off, 3000 steps)."""
     if name == "paper":
         return TokenizerTrainConfig()
     if name == "tiny":
         # lr 1e-3: a few thousand CPU steps would barely move the codebook at the paper's 1e-4.
-        return TokenizerTrainConfig(model=tokenizer_preset("tiny"), batch_size=32, lr=1e-3, steps=2000,
-                                    log_every=10, ckpt_every=200, image_every=500, dead_code_window=200,
-                                    restart_every=200)
+        # Dead-code restarts every 100 steps: without them the codebook collapses to a few dozen codes.
+        return TokenizerTrainConfig(model=tokenizer_preset("tiny"), batch_size=64, lr=1e-3, steps=3000,
+                                    log_every=10, ckpt_every=500, image_every=500, dead_code_restart=True,
+                                    dead_code_window=100, restart_every=100)
     raise ConfigError(f"unknown tokenizer training preset {name!r} (choose 'paper' or 'tiny')")
 
 
@@ -227,6 +228,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig, out: str | Path, *, frames: str |
     # Fixed frames for the reconstruction grids: spread evenly over the data, same every time.
     grid_idx = np.linspace(0, data.shape[0] - 1, num=min(cfg.image_frames, data.shape[0])).astype(np.int64)
     grid_frames = gather(data, grid_idx)
+    backgrounds, game_of = (frame_backgrounds(data, frames_path) if cfg.model.foreground_weight > 0
+                            else (None, None))
 
     writer = None
     if cfg.tensorboard:
@@ -261,8 +264,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig, out: str | Path, *, frames: str |
         while step < cfg.steps:
             idx = sampler.next_indices()
             batch = torch.from_numpy(gather(data, idx)).to(device, non_blocking=True)
+            bg = None if backgrounds is None else torch.from_numpy(backgrounds[game_of[idx]])
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss, metrics, outp = tok.compute_loss(batch, return_output=True)
+                loss, metrics, outp = tok.compute_loss(batch, return_output=True, background=bg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(tok.parameters(), cfg.grad_clip)

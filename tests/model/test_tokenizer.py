@@ -21,6 +21,18 @@ def tiny(**kw) -> Tokenizer:
     return Tokenizer(dataclasses.replace(tokenizer_preset("tiny"), **kw))
 
 
+def tiny_conv(**kw) -> Tokenizer:
+    """The narrow convnet (`tiny_conv`): for what only a convnet has (channels-last layout, varied cells)."""
+    torch.manual_seed(0)
+    return Tokenizer(dataclasses.replace(tokenizer_preset("tiny_conv"), **kw))
+
+
+def first_grad(net: torch.nn.Module) -> float:
+    """|grad| summed over the first layer's weight of `net` (conv or MLP)."""
+    w = next(p for n, p in net.named_parameters() if n.endswith("weight"))
+    return float(w.grad.abs().sum())
+
+
 def test_paper_preset_matches_official_layout_and_counts():
     tok = Tokenizer(tokenizer_preset("paper"))
     # Exact counts of the official tokenizer as instantiated (official-anchors.md item 6).
@@ -117,13 +129,13 @@ def test_straight_through_gradient_reaches_encoder_and_codebook(atari_frames):
     assert set(m) >= {"loss", "l1", "codebook", "commitment", "perceptual", "usage", "perplexity"}
     assert float(m["perceptual"]) == 0.0  # tiny: perceptual off
     loss.backward()
-    assert tok.encoder.conv_in.weight.grad.abs().sum() > 0  # only through the straight-through estimator + commitment
+    assert first_grad(tok.encoder) > 0  # only through the straight-through estimator + commitment
     assert tok.embedding.weight.grad.abs().sum() > 0  # codebook loss
     # Without the commitment term the encoder still gets gradient, from the reconstruction through the ST path.
     tok2 = tiny(commitment_weight=0.0, codebook_weight=0.0)
     loss2, _ = tok2.compute_loss(atari_frames[:4])
     loss2.backward()
-    assert tok2.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert first_grad(tok2.encoder) > 0
 
 
 def test_forward_value_is_quantized(atari_frames):
@@ -184,7 +196,9 @@ def test_codebook_stats_exact():
 
 
 def test_dead_code_restart_revives_dead_codes(atari_frames):
-    tok = tiny().train()
+    # the convnet: its encoder outputs differ in every cell (the tiny preset's per-cell MLPs map equal background
+    # cells to equal vectors, so a batch of 32 frames offers only a few distinct restart targets)
+    tok = tiny_conv().train()
     opt = torch.optim.Adam(tok.parameters(), lr=1e-3)
     f = atari_frames[::6]
     monitor = CodebookMonitor(tok.cfg.vocab_size, window=2)
@@ -209,7 +223,7 @@ def test_dead_code_restart_revives_dead_codes(atari_frames):
 def test_cpu_encode_layout_keeps_training_and_checkpoint_bytes(atari_frames, tmp_path):
     """encode() switches the encoder to channels-last for CPU speed: the tokens, a later training step and the
     checkpoint must not notice (params stay trainable, not inference-mode tensors; saves stay contiguous)."""
-    tok = tiny()
+    tok = tiny_conv()
     before = save_tokenizer(tok, tmp_path / "before.pt")
     frames = atari_frames[:4]
     plain = Tokenizer(tok.cfg)
