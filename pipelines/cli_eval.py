@@ -1,4 +1,5 @@
-"""`jowa eval CKPT --tokenizer TOK --games G1 G2`: play a world-action model on the real Atari emulator."""
+"""`jowa eval CKPT --tokenizer TOK --games G1 G2`: play a world-action model on the real Atari emulator.
+`jowa eval --planner random --games G1` (or `heuristic`): the same protocol without a model, for baselines."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ from jowa_data.cli_util import echo_json, manifests_option, stderr_console, stdo
 
 
 @click.command("eval")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.argument("more_games", nargs=-1, metavar="[GAMES]...")
-@click.option("--tokenizer", required=True, type=click.Path(dir_okay=False),
+@click.argument("args", nargs=-1, metavar="[CHECKPOINT] [GAMES]...")
+@click.option("--tokenizer", type=click.Path(dir_okay=False), default=None,
               help="The tokenizer the model was trained with (encodes the emulator's frames).")
 @click.option("--games", "games", multiple=True, metavar="GAME",
               help="Games (names, manifest files or a split such as 'pretrain'): --games Pong Phoenix.")
 @click.option("--episodes", type=click.IntRange(min=1), default=16, show_default=True,
               help="Episodes per game, played in lockstep with one batched plan per step.")
-@click.option("--planner", type=click.Choice(["greedy", "beam", "mcts"]), default="beam", show_default=True)
+@click.option("--planner", type=click.Choice(["greedy", "beam", "mcts", "random", "heuristic"]), default="beam",
+              show_default=True, help="random: uniform valid actions; heuristic: the game's recording controller "
+                                      "(jowa_data.policies). Neither needs a checkpoint.")
 @click.option("--horizon", type=click.IntRange(min=0), default=None, help="H (default: the game's manifest).")
 @click.option("--beam-width", type=click.IntRange(min=1), default=None, help="K (default: the game's manifest).")
 @click.option("--history", type=click.IntRange(min=1), default=None,
@@ -43,7 +45,7 @@ from jowa_data.cli_util import echo_json, manifests_option, stderr_console, stdo
 @click.option("--fresh", is_flag=True, help="Replay every game even if --out already holds it.")
 @manifests_option
 @click.option("--json", "as_json", is_flag=True, help="Print the raw-score document as JSON.")
-def eval_cmd(checkpoint, more_games, tokenizer, games, episodes, planner, horizon, beam_width, history,
+def eval_cmd(args, tokenizer, games, episodes, planner, horizon, beam_width, history,
              num_simulations, epsilon, max_frames, seed, device, precision, threads, out, gif_dir, mp4_dir,
              video_frames, fresh, manifest_dirs, as_json):
     """Evaluate CHECKPOINT on Atari games with the paper's protocol (no sticky actions, ε=0.001, 108K frames):
@@ -58,15 +60,23 @@ def eval_cmd(checkpoint, more_games, tokenizer, games, episodes, planner, horizo
         import torch
 
         torch.set_num_threads(threads)
+    from pipelines.evaluate import POLICIES
+
+    model_free = planner in POLICIES
+    checkpoint, more_games = (None, args) if model_free else (args[0] if args else None, args[1:])
     names = [g for arg in (*games, *more_games) for g in arg.split(",") if g]
     if not names:
         raise click.UsageError("give the games to play: --games Pong Phoenix")
     if gif_dir and mp4_dir:
         raise click.UsageError("--gif and --mp4 are exclusive")
-    if not Path(checkpoint).is_file():
-        raise CheckpointError(f"{checkpoint}: checkpoint not found")
-    if not Path(tokenizer).is_file():
-        raise ConfigError(f"{tokenizer}: tokenizer checkpoint not found")
+    if not model_free:
+        if checkpoint is None or tokenizer is None:
+            raise click.UsageError(f"--planner {planner} plays a model: give CHECKPOINT and --tokenizer "
+                                   "(random and heuristic need neither)")
+        if not Path(checkpoint).is_file():
+            raise CheckpointError(f"{checkpoint}: checkpoint not found")
+        if not Path(tokenizer).is_file():
+            raise ConfigError(f"{tokenizer}: tokenizer checkpoint not found")
     cfg = EvalConfig(episodes=episodes, planner=planner, horizon=horizon, beam_width=beam_width, history=history,
                      num_simulations=num_simulations, epsilon=epsilon, max_frames=max_frames, seed=seed,
                      device=device, precision=precision, video_dir=gif_dir or mp4_dir or "",
@@ -85,18 +95,19 @@ def eval_cmd(checkpoint, more_games, tokenizer, games, episodes, planner, horizo
 
 
 def results_table(doc: dict):
-    """A rich table: one row per game."""
+    """A rich table: one row per game. H, K and the history show only for the planners that use them; std is the
+    sample std over episodes."""
     from rich.table import Table
 
-    t = Table(title=f"jowa eval {doc.get('checkpoint') or ''}")
+    t = Table(title=f"jowa eval {doc.get('checkpoint') or doc.get('model_free') or ''}")
     for col in ("game", "planner", "H", "K", "hist", "episodes", "mean", "std", "min", "max", "steps", "dec/s"):
         t.add_column(col, justify="left" if col in ("game", "planner") else "right")
     for g, d in doc["games"].items():
         s, r = d["settings"], d["returns"]
         dps = d.get("decisions_per_s")
-        t.add_row(g, s["planner"], str(s["horizon"]), str(s["beam_width"]), str(s["history"]), str(len(r)),
-                  f"{d['mean']:.1f}", f"{d['std']:.1f}", f"{min(r):.0f}", f"{max(r):.0f}",
-                  f"{sum(d['lengths']) / len(r):.0f}", "-" if dps is None else f"{dps:.2f}")
+        t.add_row(g, s["planner"], str(s.get("horizon", "-")), str(s.get("beam_width", "-")),
+                  str(s.get("history", "-")), str(len(r)), f"{d['mean']:.1f}", f"{d['std']:.1f}", f"{min(r):.0f}",
+                  f"{max(r):.0f}", f"{sum(d['lengths']) / len(r):.0f}", "-" if dps is None else f"{dps:.2f}")
     return t
 
 

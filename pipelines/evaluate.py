@@ -40,15 +40,17 @@ from jowa_data.errors import ConfigError
 from jowa_data.io import atomic_write_json, sha256_file
 from jowa_data.manifest import GameManifest
 from jowa_model.planner import Planner, PlannerConfig, WorldModelImagination
+from pipelines.scores import sample_std
 
 RAW_FORMAT = "jowa-raw-scores-v1"  # = pipelines.scores.RAW_FORMAT
-PLANNERS = ("greedy", "beam", "mcts")
+PLANNERS = ("greedy", "beam", "mcts")  # play a world-action model
+POLICIES = ("random", "heuristic")  # play without a model: baselines and the recording controllers
 
 
 @dataclass
 class EvalConfig:
     episodes: int = 16  # episodes per game, played in lockstep (paper / official: 16)
-    planner: str = "beam"  # greedy | beam (paper Eq. 11) | mcts (appendix F)
+    planner: str = "beam"  # greedy | beam (paper Eq. 11) | mcts (appendix F) | random | heuristic (no model)
     horizon: int | None = None  # H, imagined steps; None: the manifest's [planning].horizon (Table 17: 2)
     beam_width: int | None = None  # K; None: the manifest's [planning].beam_width (2 if < 10 actions, else 3-4)
     history: int | None = None  # context steps given to the model; None: the manifest's [planning].history
@@ -69,8 +71,8 @@ class EvalConfig:
     def validate(self) -> "EvalConfig":
         if self.episodes < 1:
             raise ConfigError(f"eval.episodes must be >= 1, got {self.episodes}")
-        if self.planner not in PLANNERS:
-            raise ConfigError(f"eval.planner must be one of {PLANNERS}, got {self.planner!r}")
+        if self.planner not in PLANNERS + POLICIES:
+            raise ConfigError(f"eval.planner must be one of {PLANNERS + POLICIES}, got {self.planner!r}")
         for name, lo in (("horizon", 0), ("beam_width", 1), ("history", 1)):
             v = getattr(self, name)
             if v is not None and v < lo:
@@ -99,8 +101,9 @@ class GameResult:
     terminal: list[bool]  # True: game over; False: cut at max_frames
     random_actions: list[int]  # ε draws that replaced the planner's action, per episode
     actions: list[list[int]] = field(default_factory=list)  # full action ids sent, per episode
+    clipped_returns: list[float] = field(default_factory=list)  # sum of clip(r, -1, 1): DQN-Replay's reward units
     decisions: int = 0  # agent decisions (one per live env per step)
-    plan_s: float = 0.0  # wall time inside Planner.plan
+    plan_s: float = 0.0  # wall time choosing actions (Planner.plan, or the policy)
     encode_s: float = 0.0  # wall time inside tokenizer.encode
     env_s: float = 0.0  # wall time stepping the emulators
     wall_s: float = 0.0  # whole game
@@ -115,12 +118,12 @@ class GameResult:
         return self.decisions / self.plan_s if self.plan_s > 0 else float("nan")
 
     def to_json(self) -> dict[str, Any]:
-        """The per-game entry of the raw-score JSON (no per-step actions)."""
+        """The per-game entry of the raw-score JSON (no per-step actions). `std` is the sample std (ddof 1)."""
         r = np.asarray(self.returns, dtype=np.float64)
-        return {"settings": self.settings, "returns": self.returns, "lengths": self.lengths, "frames": self.frames,
-                "terminal": self.terminal, "random_actions": self.random_actions,
-                "mean": float(r.mean()), "std": float(r.std()), "decisions": self.decisions,
-                "decisions_per_s": _finite(self.decisions_per_s), "plan_s": self.plan_s,
+        return {"settings": self.settings, "returns": self.returns, "clipped_returns": self.clipped_returns,
+                "lengths": self.lengths, "frames": self.frames, "terminal": self.terminal,
+                "random_actions": self.random_actions, "mean": float(r.mean()), "std": sample_std(r),
+                "decisions": self.decisions, "decisions_per_s": _finite(self.decisions_per_s), "plan_s": self.plan_s,
                 "encode_s": self.encode_s, "env_s": self.env_s, "wall_s": self.wall_s, "video": self.video}
 
 
@@ -161,16 +164,21 @@ def apply_epsilon(actions: np.ndarray, envs: Sequence[int], rngs: Sequence[np.ra
 
 def game_settings(manifest: GameManifest, cfg: EvalConfig, context_steps: int, frame_skip: int = 4) -> dict[str, Any]:
     """What a game's entry records as its settings (also how a previous result is matched on resume).
-    `history` is the effective one: at most the planner's `context_steps`."""
-    pcfg = planner_config(manifest, cfg)
-    want = manifest.planning.history if cfg.history is None else cfg.history
-    s = {"planner": pcfg.kind, "horizon": pcfg.horizon, "beam_width": pcfg.beam_width,
-         "history": max(1, min(want, context_steps)), "gamma": pcfg.gamma, "epsilon": cfg.epsilon,
-         "sticky": cfg.sticky, "max_frames": cfg.max_frames, "frame_skip": frame_skip, "episodes": cfg.episodes,
-         "seed": cfg.seed, "precision": cfg.precision, "task_id": manifest.task_id, "actions": list(manifest.actions)}
-    if pcfg.kind == "mcts":
-        s |= {"num_simulations": pcfg.num_simulations, "temperature": pcfg.temperature}
-    return s
+    `history` is the effective one: at most the planner's `context_steps`. Only the planners that use H, K and
+    the history record them (greedy: history; random / heuristic: none)."""
+    s: dict[str, Any] = {"planner": cfg.planner}
+    if cfg.planner in PLANNERS:
+        pcfg = planner_config(manifest, cfg)
+        want = manifest.planning.history if cfg.history is None else cfg.history
+        if pcfg.kind != "greedy":
+            s |= {"horizon": pcfg.horizon, "beam_width": pcfg.beam_width, "gamma": pcfg.gamma}
+        s["history"] = max(1, min(want, context_steps))
+        if pcfg.kind == "mcts":
+            s |= {"num_simulations": pcfg.num_simulations, "temperature": pcfg.temperature}
+        s["precision"] = cfg.precision
+    return s | {"epsilon": cfg.epsilon, "sticky": cfg.sticky, "max_frames": cfg.max_frames, "frame_skip": frame_skip,
+                "episodes": cfg.episodes, "seed": cfg.seed, "task_id": manifest.task_id,
+                "actions": list(manifest.actions)}
 
 
 def set_action_mask_rows(model, manifests: Sequence[GameManifest]) -> None:
@@ -183,70 +191,129 @@ def set_action_mask_rows(model, manifests: Sequence[GameManifest]) -> None:
     model.set_action_masks(masks)
 
 
+# --------------------------------------------------------------------------------------------- agents
+
+
+class ModelAgent:
+    """Plays with a world-action model: one batched `tokenizer.encode` of the new frames and one `Planner.plan`
+    over the envs still playing, each seeing its newest `history` steps (left-padded via `lengths`)."""
+
+    def __init__(self, model, tokenizer, manifest: GameManifest, cfg: EvalConfig, res: GameResult) -> None:
+        self.dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+        imag = WorldModelImagination(model, self.dtype)
+        self.planner = Planner(imag, planner_config(manifest, cfg))
+        self.tokenizer, self.res = tokenizer, res
+        self.dev, self.tok_dev = imag.device, next(tokenizer.parameters()).device
+        self.hist = res.settings["history"]
+        n = cfg.episodes
+        self.tokens = torch.zeros(n, self.hist, model.cfg.obs_tokens, dtype=torch.long, device=self.dev)  # newest last
+        self.acts = torch.zeros(n, self.hist - 1, dtype=torch.long, device=self.dev)
+        self.lengths = torch.ones(n, dtype=torch.long)  # real steps in each env's history
+        self.task = torch.full((n,), manifest.task_id, dtype=torch.long)
+        self.masks = torch.from_numpy(manifest.action_mask).expand(n, -1)
+
+    def _encode(self, frames: list[np.ndarray]) -> torch.Tensor:
+        t = time.perf_counter()
+        x = torch.from_numpy(np.stack(frames)).to(self.tok_dev)
+        out = self.tokenizer.encode(x, dtype=self.dtype).to(self.dev)  # (len, 36) long
+        self.res.encode_s += time.perf_counter() - t
+        return out
+
+    def start(self, frames: list[np.ndarray]) -> None:
+        self.tokens[:, -1] = self._encode(frames)
+
+    def act(self, alive: list[int]) -> np.ndarray:
+        idx = torch.tensor(alive)
+        return self.planner.plan(self.tokens[idx], self.acts[idx], self.task[idx], self.masks[idx],
+                                 self.lengths[idx]).cpu().numpy()
+
+    def observe(self, still: list[int], frames: list[np.ndarray], actions: list[int]) -> None:
+        s = torch.tensor(still, device=self.dev)
+        self.tokens[s] = torch.cat([self.tokens[s, 1:], self._encode(frames)[:, None]], 1)
+        if self.hist > 1:
+            new_a = torch.tensor(actions, dtype=torch.long, device=self.dev)
+            self.acts[s] = torch.cat([self.acts[s, 1:], new_a[:, None]], 1)
+        self.lengths[s.cpu()] = (self.lengths[s.cpu()] + 1).clamp(max=self.hist)
+
+
+class PolicyAgent:
+    """Plays without a model: uniform random valid actions, or the game's heuristic controller
+    (`jowa_data.policies`), one policy per env bound to its emulator, each with its own seeded generator."""
+
+    def __init__(self, kind: str, envs: list, manifest: GameManifest, seed: int) -> None:
+        from jowa_data.policies import bind_policy, make_policy
+
+        self.policies = [make_policy(kind, len(manifest.actions), rom=manifest.ale_rom) for _ in envs]
+        for pol, env in zip(self.policies, envs):
+            bind_policy(pol, env)
+        ss = np.random.SeedSequence([seed, manifest.task_id, 1])  # apart from the ε generators' [seed, task_id]
+        self.rngs = [np.random.default_rng(x) for x in ss.spawn(len(envs))]
+        self.valid_ids = manifest.full_action_ids
+        self.obs: list[np.ndarray | None] = [None] * len(envs)
+        self.n = len(manifest.actions)
+
+    def start(self, frames: list[np.ndarray]) -> None:
+        self.obs = list(frames)
+
+    def act(self, alive: list[int]) -> np.ndarray:
+        return np.array([self.valid_ids[self.policies[i](self.obs[i], self.rngs[i], self.n)] for i in alive],
+                        dtype=np.int64)
+
+    def observe(self, still: list[int], frames: list[np.ndarray], actions: list[int]) -> None:
+        for i, f in zip(still, frames):
+            self.obs[i] = f
+
+
 # --------------------------------------------------------------------------------------------- one game
 
 
 @torch.no_grad()
 def play_game(model, tokenizer, manifest: GameManifest, cfg: EvalConfig, progress: bool = False,
               video_path: str | Path | None = None) -> GameResult:
-    """Play `cfg.episodes` episodes of `manifest`'s game in lockstep (see the module docstring)."""
+    """Play `cfg.episodes` episodes of `manifest`'s game in lockstep (see the module docstring). With
+    `cfg.planner` random or heuristic, `model` and `tokenizer` are not used (pass None)."""
     from jowa_data.atari import AtariConfig, AtariEnv
 
     cfg.validate()
     t_start = time.perf_counter()
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else None
-    pcfg = planner_config(manifest, cfg)
-    imag = WorldModelImagination(model, dtype)
-    planner = Planner(imag, pcfg)
     acfg = AtariConfig(sticky=cfg.sticky, max_frames=cfg.max_frames)
-    settings = game_settings(manifest, cfg, planner.context_steps, acfg.frame_skip)
-    hist = settings["history"]
-    dev = imag.device
-    tok_dev = next(tokenizer.parameters()).device
     n = cfg.episodes
+    envs = [AtariEnv(manifest.ale_rom, acfg, seed=cfg.seed + i, actions=manifest.actions) for i in range(n)]
+    if cfg.planner in POLICIES:
+        settings = game_settings(manifest, cfg, 1, acfg.frame_skip)
+    else:
+        context = model.cfg.max_steps - planner_config(manifest, cfg).imagined_steps
+        settings = game_settings(manifest, cfg, context, acfg.frame_skip)
+    res = GameResult(manifest.name, settings, [0.0] * n, [0] * n, [0] * n, [False] * n, [0] * n,
+                     [[] for _ in range(n)], [0.0] * n)
+    agent = (PolicyAgent(cfg.planner, envs, manifest, cfg.seed) if cfg.planner in POLICIES
+             else ModelAgent(model, tokenizer, manifest, cfg, res))
     valid_ids = manifest.full_action_ids  # (n_min,) minimal index -> full id
     to_min = full_to_minimal_table(manifest.actions)  # (18,) full id -> minimal index, -1 if invalid
-    mask = torch.from_numpy(manifest.action_mask)
-    envs = [AtariEnv(manifest.ale_rom, acfg, seed=cfg.seed + i, actions=manifest.actions) for i in range(n)]
     rngs = epsilon_generators(cfg.seed, manifest.task_id, n)
-    res = GameResult(manifest.name, settings, [0.0] * n, [0] * n, [0] * n, [False] * n, [0] * n,
-                     [[] for _ in range(n)])
-
-    def encode(frames: list[np.ndarray]) -> torch.Tensor:
-        t = time.perf_counter()
-        x = torch.from_numpy(np.stack(frames)).to(tok_dev)
-        out = tokenizer.encode(x, dtype=dtype).to(dev)  # (len, 36) long
-        res.encode_s += time.perf_counter() - t
-        return out
 
     recorder = None
     if video_path is not None:
         from pipelines.video import VideoRecorder
 
         recorder = VideoRecorder(video_path, cfg.video_format, max_frames=cfg.video_max_frames, scale=1)
-    tokens = torch.zeros(n, hist, model.cfg.obs_tokens, dtype=torch.long, device=dev)  # newest last
-    acts = torch.zeros(n, hist - 1, dtype=torch.long, device=dev)
     t = time.perf_counter()
     first = [e.reset() for e in envs]
     res.env_s += time.perf_counter() - t
-    tokens[:, -1] = encode(first)
+    agent.start(first)
     if recorder is not None:
         recorder.add(envs[0].render_rgb())
-    lengths = torch.ones(n, dtype=torch.long)  # real steps in each env's history
-    task = torch.full((n,), manifest.task_id, dtype=torch.long)
-    masks = mask.expand(n, -1)
     alive = list(range(n))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=math.ceil(cfg.max_frames / acfg.frame_skip), desc=f"eval {manifest.name}",
+        bar = tqdm(total=math.ceil(cfg.max_frames / acfg.frame_skip), desc=f"eval {manifest.name} {cfg.planner}",
                    unit="step", leave=False, dynamic_ncols=True)
     try:
         while alive:
-            idx = torch.tensor(alive)
             t = time.perf_counter()
-            full = planner.plan(tokens[idx], acts[idx], task[idx], masks[idx], lengths[idx]).cpu().numpy()
+            full = agent.act(alive)
             res.plan_s += time.perf_counter() - t
             res.decisions += len(alive)
             replaced = apply_epsilon(full, alive, rngs, cfg.epsilon, valid_ids)
@@ -258,6 +325,7 @@ def play_game(model, tokenizer, manifest: GameManifest, cfg: EvalConfig, progres
             for j, i in enumerate(alive):
                 obs, r, term, trunc = envs[i].step(int(minimal[j]))
                 res.returns[i] += r
+                res.clipped_returns[i] += float(np.clip(r, -1.0, 1.0))
                 res.lengths[i] += 1
                 res.actions[i].append(int(full[j]))
                 res.random_actions[i] += int(replaced[j])
@@ -271,12 +339,7 @@ def play_game(model, tokenizer, manifest: GameManifest, cfg: EvalConfig, progres
                     frames.append(obs)
             res.env_s += time.perf_counter() - t
             if still:
-                s = torch.tensor(still, device=dev)
-                tokens[s] = torch.cat([tokens[s, 1:], encode(frames)[:, None]], 1)
-                if hist > 1:
-                    new_a = torch.tensor(still_act, dtype=torch.long, device=dev)
-                    acts[s] = torch.cat([acts[s, 1:], new_a[:, None]], 1)
-                lengths[s.cpu()] = (lengths[s.cpu()] + 1).clamp(max=hist)
+                agent.observe(still, frames, still_act)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(alive=len(still), mean=f"{np.mean(res.returns):.1f}")
@@ -328,17 +391,27 @@ def _previous(out: Path | None, ident: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(prev, dict) or prev.get("format") != RAW_FORMAT:
         raise ConfigError(f"{out}: exists and is not a jowa raw-score file (no format {RAW_FORMAT!r}); "
                           "choose another --out")
-    if ident.get("checkpoint_sha256") is None or any(prev.get(k) != ident[k]
-                                                     for k in ("checkpoint_sha256", "tokenizer_checksum")):
+    if (ident.get("checkpoint_sha256") is None and not ident.get("model_free")) or any(
+            prev.get(k) != ident[k] for k in ("checkpoint_sha256", "tokenizer_checksum")):
         return {}  # another model's results: replaced by this run's
     games = prev.get("games")
     return games if isinstance(games, dict) else {}
 
 
+def check_tokenizer_fits(tok, model, ident: dict[str, Any]) -> None:
+    """The tokenizer must make the tokens the model reads: same tokens per frame, codes within its vocabulary."""
+    if tok.cfg.tokens_per_frame != model.cfg.obs_tokens:
+        raise ConfigError(f"{ident['tokenizer'] or 'tokenizer'}: {tok.cfg.tokens_per_frame} tokens per frame, but the "
+                          f"model ({ident['checkpoint'] or 'model'}) expects {model.cfg.obs_tokens}")
+    if tok.cfg.vocab_size > model.cfg.obs_vocab:
+        raise ConfigError(f"{ident['tokenizer'] or 'tokenizer'}: {tok.cfg.vocab_size} codes > the model's obs "
+                          f"vocabulary {model.cfg.obs_vocab} ({ident['checkpoint'] or 'model'})")
+
+
 def evaluate(checkpoint_or_model, tokenizer, games: Sequence[str | GameManifest], cfg: EvalConfig | None = None,
              out: str | Path | None = None, progress: bool = False, resume: bool = True) -> dict[str, Any]:
     """Evaluate a world-action model (checkpoint path or model) on `games` (names, manifest paths, split names
-    or manifests). Returns the raw-score document; with `out`, also writes it atomically after every game.
+    or manifests); with `cfg.planner` random or heuristic, a baseline without a model (pass None for both). Returns the raw-score document; with `out`, also writes it atomically after every game.
     With `resume`, games already in `out` for the same checkpoint, tokenizer and settings are kept."""
     from jowa_data.manifest import load_manifests
     from pipelines.dist import pick_device
@@ -353,16 +426,18 @@ def evaluate(checkpoint_or_model, tokenizer, games: Sequence[str | GameManifest]
     if not manifests:
         raise ConfigError("no games to evaluate")
     device = pick_device(cfg.device)
-    model, ident = _load_model(checkpoint_or_model, device)
-    tok, tok_ident = _load_tokenizer(tokenizer, device)
-    ident |= tok_ident
-    if tok.cfg.tokens_per_frame != model.cfg.obs_tokens:
-        raise ConfigError(f"{ident['tokenizer'] or 'tokenizer'}: {tok.cfg.tokens_per_frame} tokens per frame, but the "
-                          f"model ({ident['checkpoint'] or 'model'}) expects {model.cfg.obs_tokens}")
-    if tok.cfg.vocab_size > model.cfg.obs_vocab:
-        raise ConfigError(f"{ident['tokenizer'] or 'tokenizer'}: {tok.cfg.vocab_size} codes > the model's obs "
-                          f"vocabulary {model.cfg.obs_vocab} ({ident['checkpoint'] or 'model'})")
-    set_action_mask_rows(model, manifests)
+    model = tok = None
+    if cfg.planner in POLICIES:  # baselines: no model, no tokenizer
+        ident = {"checkpoint": None, "checkpoint_sha256": None, "tokenizer": None, "tokenizer_checksum": None,
+                 "model_free": cfg.planner}
+    else:
+        if checkpoint_or_model is None or tokenizer is None:
+            raise ConfigError(f"planner {cfg.planner!r} needs a checkpoint and its tokenizer")
+        model, ident = _load_model(checkpoint_or_model, device)
+        tok, tok_ident = _load_tokenizer(tokenizer, device)
+        ident |= tok_ident
+        check_tokenizer_fits(tok, model, ident)
+        set_action_mask_rows(model, manifests)
     out = Path(out) if out is not None else None
     prev = _previous(out, ident)
     if not resume:
@@ -372,7 +447,7 @@ def evaluate(checkpoint_or_model, tokenizer, games: Sequence[str | GameManifest]
     t0 = time.perf_counter()
     for m in manifests:
         old = prev.get(m.name)
-        context = model.cfg.max_steps - planner_config(m, cfg).imagined_steps
+        context = 1 if model is None else model.cfg.max_steps - planner_config(m, cfg).imagined_steps
         if isinstance(old, dict) and old.get("settings") == game_settings(m, cfg, context):
             doc["games"][m.name] = old
             doc["reused"].append(m.name)

@@ -78,6 +78,26 @@ def trim_mean(x: np.ndarray | Sequence[float], proportion: float = 0.25, axis: i
     return float(out) if out.ndim == 0 else out
 
 
+def bootstrap_ci(x: np.ndarray | Sequence[float], n_boot: int = 2000, ci: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of `x` (episodes resampled with replacement, seeded). One episode, or
+    n_boot 0: the mean itself at both ends."""
+    a = np.asarray(x, dtype=np.float64)
+    if len(a) == 0:
+        return (math.nan, math.nan)
+    if len(a) == 1 or n_boot < 1:
+        return (float(a.mean()), float(a.mean()))
+    means = a[np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))].mean(axis=1)
+    lo, hi = np.percentile(means, [(1 - ci) / 2 * 100, (1 + ci) / 2 * 100])
+    return float(lo), float(hi)
+
+
+def sample_std(x: np.ndarray | Sequence[float]) -> float:
+    """Sample standard deviation (ddof 1) of per-episode returns; 0.0 for a single episode."""
+    a = np.asarray(x, dtype=np.float64)
+    return float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
 def iqm(x: np.ndarray | Sequence[float], axis: int = -1) -> np.ndarray | float:
     """Inter-quartile mean: the 25% trimmed mean."""
     return trim_mean(x, 0.25, axis=axis)
@@ -114,16 +134,39 @@ def _returns_array(path: Path, game: str, key: str, v: Any) -> np.ndarray:
     return np.asarray(vals, dtype=np.float64)
 
 
-def read_raw_scores(path: str | Path) -> dict[str, GameReturns]:
+def dataset_returns(path: Path) -> dict[str, GameReturns]:
+    """Clipped returns of the complete episodes of a built dataset (its episodes.parquet), per game: the data's
+    own return, in DQN-Replay's clipped reward units."""
+    import pyarrow.parquet as pq
+
+    try:
+        t = pq.read_table(path / "episodes.parquet", columns=["game", "ret", "complete"]).to_pydict()
+    except (OSError, ValueError, KeyError) as e:
+        raise RawScoresError(f"{path / 'episodes.parquet'}: not a built dataset's episode table ({e})") from e
+    per: dict[str, list[float]] = {}
+    for g, r, c in zip(t["game"], t["ret"], t["complete"]):
+        if c:
+            per.setdefault(g, []).append(float(r))
+    return {g: GameReturns(g, np.asarray(v), {"planner": "data"}, str(path)) for g, v in per.items() if v}
+
+
+def read_raw_scores(path: str | Path, clipped: bool = False) -> dict[str, GameReturns]:
     """Read one raw-score JSON file (any of the accepted layouts) -> {game name as written: GameReturns}.
 
     Layouts:
       ours     {"format": "jowa-raw-scores-v1", "checkpoint": ..., "games": {G: {"settings": {...},
-               "returns": [...], "lengths": [...], "decisions_per_s": ...}}}
+               "returns": [...], "clipped_returns": [...], "lengths": [...], "decisions_per_s": ...}}}
       official {G: {"buffer_size": [int], "beam_width": int, "planning_horizon": int, "raw_scores": [...]}}
       plain    {G: [returns...]} or {G: mean} (one pseudo-episode: the paper's tables give only means)
+      dataset  a folder built by `jowa-data build`: its complete episodes' returns (clipped rewards only)
+    With `clipped`, ours give `clipped_returns` (sums of clip(r, -1, 1)), comparable with a dataset's returns.
     """
     path = Path(path)
+    if path.is_dir() and (path / "episodes.parquet").is_file():
+        if not clipped:
+            raise RawScoresError(f"{path}: a built dataset holds clipped rewards only; pass --clipped to compare "
+                                 "clipped returns")
+        return dataset_returns(path)
     if not path.is_file():
         raise RawScoresError(f"{path}: raw-score file not found")
     try:
@@ -142,13 +185,17 @@ def read_raw_scores(path: str | Path) -> dict[str, GameReturns]:
         if not isinstance(games, dict) or not games:
             raise RawScoresError(f"{path}: key 'games': missing or empty")
         top = {k: raw[k] for k in ("checkpoint", "agent") if k in raw}
+        key = "clipped_returns" if clipped else "returns"
         for g, d in games.items():
-            if not isinstance(d, dict) or "returns" not in d:
-                raise RawScoresError(f"{path}: game '{g}': missing key 'returns'")
+            if not isinstance(d, dict) or key not in d:
+                raise RawScoresError(f"{path}: game '{g}': missing key '{key}'")
             settings = dict(d.get("settings") or {})
             settings.update(top)
-            out[g] = GameReturns(g, _returns_array(path, g, "returns", d["returns"]), settings, str(path))
+            out[g] = GameReturns(g, _returns_array(path, g, key, d[key]), settings, str(path))
         return out
+    if clipped:
+        raise RawScoresError(f"{path}: --clipped needs jowa raw-score files or built datasets (this layout has raw "
+                             "returns only)")
 
     for g, d in raw.items():
         if isinstance(d, dict):
@@ -162,9 +209,81 @@ def read_raw_scores(path: str | Path) -> dict[str, GameReturns]:
     return out
 
 
+def run_label(results: dict[str, GameReturns], path: str | Path) -> str:
+    """A short name for one file's results: its player (random, heuristic, data, greedy, beam H=2 K=3, ...)."""
+    s = next(iter(results.values())).settings if results else {}
+    planner = s.get("planner")
+    if planner in ("beam", "mcts"):
+        return f"{planner} H={s.get('horizon')} K={s.get('beam_width')}" if planner == "beam" else "mcts"
+    return str(planner) if planner else Path(path).stem
+
+
+def load_runs(paths: Iterable[str | Path], registry: ManifestRegistry,
+              clipped: bool = False) -> list[tuple[str, dict[str, GameReturns]]]:
+    """One (label, {canonical game: returns}) per file, for side-by-side comparison; labels made unique."""
+    runs: list[tuple[str, dict[str, GameReturns]]] = []
+    for p in paths:
+        res = {}
+        for name, gr in read_raw_scores(p, clipped).items():
+            try:
+                canon = registry.get(name).name
+            except ManifestError as e:
+                raise RawScoresError(f"{p}: game '{name}': {e}") from e
+            res[canon] = GameReturns(canon, gr.returns, gr.settings, gr.source)
+        label = run_label(res, p)
+        if label in {lab for lab, _ in runs}:
+            label = f"{label} ({Path(p).stem})"
+        runs.append((label, res))
+    if not runs:
+        raise RawScoresError("no raw-score files given")
+    return runs
+
+
+def compare_runs(runs: list[tuple[str, dict[str, GameReturns]]], registry: ManifestRegistry,
+                 cfg: ScoresConfig | None = None) -> dict[str, Any]:
+    """Several runs of the same games side by side: per game and run, episodes, mean, sample std, bootstrap CI of
+    the mean and the normalised mean (when the reference allows it)."""
+    cfg = cfg or ScoresConfig()
+    games = sorted({g for _, res in runs for g in res})
+    table: dict[str, dict[str, Any]] = {}
+    for gi, g in enumerate(games):
+        r, ref = reference_pair(registry.get(g), cfg.ref)
+        row = {}
+        for label, res in runs:
+            if g not in res:
+                continue
+            x = res[g].returns
+            row[label] = {"episodes": int(len(x)), "mean": float(x.mean()), "std": sample_std(x),
+                          "ci": list(bootstrap_ci(x, cfg.n_boot, cfg.ci, cfg.seed + gi)),
+                          "normalized": normalize(float(x.mean()), r, ref) if r != ref else None,
+                          "source": res[g].source}
+        table[g] = row
+    return {"ref": cfg.ref, "metric": REFS[cfg.ref], "runs": [label for label, _ in runs], "games": table,
+            "bootstrap": {"n_boot": cfg.n_boot, "ci": cfg.ci, "seed": cfg.seed}}
+
+
+def comparison_table(cmp: dict[str, Any], clipped: bool = False):
+    """A rich table: one row per game, one column per run (mean and CI of the episode returns)."""
+    from rich.table import Table
+
+    unit = "clipped" if clipped else "raw"
+    t = Table(title=f"mean {unit} return per episode, {cmp['bootstrap']['ci']:.0%} CI, side by side")
+    t.add_column("game")
+    for label in cmp["runs"]:
+        t.add_column(label, justify="right")
+    for g, row in cmp["games"].items():
+        cells = []
+        for label in cmp["runs"]:
+            d = row.get(label)
+            cells.append("-" if d is None else f"{d['mean']:.1f} ({d['ci'][0]:.1f}-{d['ci'][1]:.1f}) n={d['episodes']}")
+        t.add_row(g, *cells)
+    return t
+
+
 def load_raw_scores(paths: Iterable[str | Path], registry: ManifestRegistry,
                     pool: bool = False) -> dict[str, GameReturns]:
-    """Read several files, map game names to manifests; a game in two files is an error unless `pool`."""
+    """Read several files, map game names to manifests; a game in two files is an error unless `pool`
+    (`jowa scores` shows such files side by side instead: `load_runs` / `compare_runs`)."""
     out: dict[str, GameReturns] = {}
     for p in paths:
         for name, gr in read_raw_scores(p).items():
@@ -225,7 +344,7 @@ def compute_scores(results: dict[str, GameReturns], registry: ManifestRegistry,
         x = results[g].returns
         r, ref = pairs[i]
         games[g] = {
-            "mean": float(means[i]), "std": float(x.std()), "median": float(np.median(x)),
+            "mean": float(means[i]), "std": sample_std(x), "median": float(np.median(x)),
             "episodes": int(len(x)), "random": r, "reference": ref, "normalized": float(ns[i]),
             "normalized_ci": None if boot_games is None else [float(v) for v in boot_games[i]],
             "above_reference": bool(means[i] > ref), "settings": results[g].settings, "source": results[g].source,
@@ -261,46 +380,3 @@ def scores_table(report: dict[str, Any]):
                   f"{a['value']:.3f}", ci(a["ci"]))
     t.add_row(f"# above {report['ref']}", "", "", "", "", str(report["aggregate"]["above_reference"]["value"]), "")
     return t
-
-
-def plot_scores(report: dict[str, Any], path: str | Path, width: int = 720) -> Path:
-    """Horizontal bar chart of per-game normalised scores (with CI whiskers) as a PNG, drawn with Pillow."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from jowa_data.io import atomic_path
-
-    games = sorted(report["games"], key=lambda g: report["games"][g]["normalized"])
-    vals = [report["games"][g]["normalized"] for g in games]
-    cis = [report["games"][g]["normalized_ci"] or [v, v] for g, v in zip(games, vals)]
-    # Clip the axis at [-1, 5] so one huge score (Atlantis HNS ~175) does not flatten the rest;
-    # clipped bars end at the edge and keep their value as a label.
-    lo = max(-1.0, min(0.0, *(c[0] for c in cis)))
-    hi = min(5.0, max(1.0, *(c[1] for c in cis)))
-    row, left, right, top = 22, 140, 70, 34
-    h = top + row * len(games) + 30
-    img = Image.new("RGB", (width, h), "white")
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    plot_w = width - left - right
-
-    def x_of(v: float) -> float:
-        return left + (min(max(v, lo), hi) - lo) / (hi - lo) * plot_w
-
-    d.text((8, 8), f"{report['metric']} per game (IQM {report['aggregate']['iqm']['value']:.3f}, "
-                   f"median {report['aggregate']['median']['value']:.3f})", fill="black", font=font)
-    for ref_v, color in ((0.0, (150, 150, 150)), (1.0, (200, 60, 60))):
-        d.line([(x_of(ref_v), top - 4), (x_of(ref_v), h - 26)], fill=color, width=1)
-    for i, (g, v, c) in enumerate(zip(games, vals, cis)):
-        y = top + i * row
-        d.text((8, y + 4), g, fill="black", font=font)
-        x0, x1 = sorted((x_of(0.0), x_of(v)))
-        d.rectangle([x0, y + 3, max(x1, x0 + 1), y + row - 3], fill=(70, 110, 190))
-        d.line([(x_of(c[0]), y + row // 2), (x_of(c[1]), y + row // 2)], fill="black", width=1)
-        label = f"{v:.2f}" + (" >" if v > hi else " <" if v < lo else "")
-        d.text((min(x_of(max(v, c[1], 0.0)) + 4, width - right + 4), y + 4), label, fill="black", font=font)
-    d.text((x_of(0.0) - 3, h - 22), "0", fill="black", font=font)
-    d.text((x_of(1.0) - 3, h - 22), "1", fill="black", font=font)
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        img.save(tmp, format="PNG")
-    return path

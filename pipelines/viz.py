@@ -1,13 +1,12 @@
-"""Pictures people look at: frame grids (real vs imagined, originals vs reconstructions) and training curves.
+"""Pictures people look at: frame grids (real vs imagined, originals vs reconstructions), and metrics.jsonl rows.
 
-Pillow only (matplotlib is not a dependency): grids are stitched uint8 arrays, curves are drawn polylines.
-Every writer is atomic, so a killed run never leaves a half-written PNG.
+Grids are stitched uint8 arrays saved with Pillow (pixel-exact frames, no resampling); charts with axes live in
+`pipelines.charts` (matplotlib). Every writer is atomic, so a killed run never leaves a half-written PNG.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -56,39 +55,3 @@ def read_metrics(path: str | Path) -> list[dict]:
             row = json.loads(line)
             by_step.setdefault(row["step"], {}).update(row)
     return [by_step[s] for s in sorted(by_step)]
-
-
-def plot_curves(rows: Sequence[dict], keys: Sequence[str], path: str | Path, title: str = "",
-                size: tuple[int, int] = (360, 200)) -> Path:
-    """One small panel per key (value against step), stacked vertically, written as a PNG."""
-    from PIL import Image, ImageDraw
-
-    keys = [k for k in keys if any(k in r and r[k] is not None and math.isfinite(r[k]) for r in rows)]
-    pw, ph = size
-    top = 18 if title else 0
-    canvas = Image.new("RGB", (pw, top + max(1, len(keys)) * ph), "white")
-    draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((6, 3), title, fill="black")
-    for i, key in enumerate(keys):
-        pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None and math.isfinite(r[key])]
-        x0, y0, x1, y1 = 48, top + i * ph + 16, pw - 8, top + (i + 1) * ph - 18
-        draw.rectangle((x0, y0, x1, y1), outline="gray")
-        draw.text((x0, y0 - 14), key, fill="black")
-        if not pts:
-            continue
-        xs, ys = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
-        lo, hi = float(ys.min()), float(ys.max())
-        if hi - lo < 1e-12:
-            lo, hi = lo - 0.5, hi + 0.5
-        sx = (x1 - x0) / max(xs.max() - xs.min(), 1e-12)
-        line = [(x0 + (x - xs.min()) * sx, y1 - (y - lo) / (hi - lo) * (y1 - y0)) for x, y in zip(xs, ys)]
-        if len(line) == 1:
-            draw.ellipse((line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2), fill="blue")
-        else:
-            draw.line(line, fill="blue", width=2)
-        draw.text((2, y0), f"{hi:.3g}", fill="black")
-        draw.text((2, y1 - 10), f"{lo:.3g}", fill="black")
-        draw.text((x0, y1 + 3), f"step {int(xs.min())}", fill="black")
-        draw.text((x1 - 60, y1 + 3), f"{int(xs.max())}", fill="black")
-    return _save_png(canvas, path)

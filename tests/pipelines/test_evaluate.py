@@ -23,7 +23,7 @@ from jowa_model.world_action import WorldActionModel
 from pipelines.evaluate import EvalConfig, apply_epsilon, epsilon_generators, evaluate
 from pipelines.scores import load_raw_scores
 
-PONG_IDS, BREAKOUT_IDS = {0, 1, 3, 4, 11, 12}, {0, 1, 3, 4}  # full ids of their minimal sets
+PONG_IDS, BOWLING_IDS = {0, 1, 3, 4, 11, 12}, {0, 1, 2, 5, 10, 13}  # full ids of their minimal sets
 
 
 @pytest.fixture(scope="module")
@@ -87,35 +87,35 @@ def test_beam_search_uses_manifest_settings_and_valid_actions(ckpt, tiny_tokeniz
     assert (s["horizon"], s["beam_width"], s["history"]) == (1, 3, 2)
 
 
-def test_invalid_actions_never_reach_the_env_new_game(ckpt, tiny_tokenizer_ckpt, breakout_manifest_dir):
-    """Breakout exists only as a manifest file (task 13, 4 actions); the checkpoint's mask row allows all 18 and
+def test_invalid_actions_never_reach_the_env_new_game(ckpt, tiny_tokenizer_ckpt, bowling_manifest_dir):
+    """Bowling exists only as a manifest file (task 11, 6 actions); the checkpoint's mask row allows all 18 and
     its critic prefers DOWNLEFTFIRE (17). The evaluator must mask it, and ε draws only valid actions."""
     from jowa_model.checkpoint import load_world_action
 
     model, _ = load_world_action(ckpt)
     with torch.no_grad():
         model.head_q.biases[2].view(model.cfg.num_q, 18, -1)[:, 17, -1] = 1e3  # Q(17) ≈ v_max
-    assert model.action_masks[13].all()
+    assert model.action_masks[11].all()
     # the test can fail: unmasked, the planner picks the invalid action
     imag = WorldModelImagination(model)
     tok = torch.zeros(1, 1, 36, dtype=torch.long)
-    assert Planner(imag).plan(tok, torch.zeros(1, 0, dtype=torch.long), torch.tensor([13]),
+    assert Planner(imag).plan(tok, torch.zeros(1, 0, dtype=torch.long), torch.tensor([11]),
                               torch.ones(1, 18, dtype=torch.bool)).item() == 17
     from pipelines.evaluate import play_game, set_action_mask_rows
 
-    manifest = load_manifests([breakout_manifest_dir]).get("Breakout")
+    manifest = load_manifests([bowling_manifest_dir]).get("Bowling")
     set_action_mask_rows(model, [manifest])
-    assert model.action_masks[13].sum() == 4 and model.action_masks[12].all()
+    assert model.action_masks[11].sum() == 6 and model.action_masks[12].all()
     res = play_game(model, load_tokenizer(tiny_tokenizer_ckpt), manifest,
                     EvalConfig(episodes=3, planner="beam", epsilon=0.5, max_frames=48))
     sent = {a for ep in res.actions for a in ep}
-    assert sent <= BREAKOUT_IDS and len(sent) > 1 and sum(res.random_actions) > 0
+    assert sent <= BOWLING_IDS and len(sent) > 1 and sum(res.random_actions) > 0
     assert [len(a) for a in res.actions] == res.lengths == [12, 12, 12]
     # the same through evaluate() with --manifests: the mask row is set from the manifest
-    doc = evaluate(ckpt, tiny_tokenizer_ckpt, ["Breakout"],
+    doc = evaluate(ckpt, tiny_tokenizer_ckpt, ["Bowling"],
                    EvalConfig(episodes=1, planner="greedy", epsilon=0.0, max_frames=8,
-                              manifests=(str(breakout_manifest_dir),)))
-    assert doc["games"]["Breakout"]["settings"]["actions"] == ["NOOP", "FIRE", "RIGHT", "LEFT"]
+                              manifests=(str(bowling_manifest_dir),)))
+    assert doc["games"]["Bowling"]["settings"]["actions"] == ["NOOP", "FIRE", "UP", "DOWN", "UPFIRE", "DOWNFIRE"]
 
 
 def test_epsilon_is_per_env_and_independent_of_other_envs():
@@ -198,7 +198,9 @@ def test_rerun_keeps_finished_games(ckpt, tiny_tokenizer_ckpt, tmp_path):
 
 def test_config_errors(ckpt, tiny_tokenizer_ckpt):
     with pytest.raises(ConfigError, match="eval.planner"):
-        EvalConfig(planner="random").validate()
+        EvalConfig(planner="randomly").validate()
+    with pytest.raises(ConfigError, match="needs a checkpoint and its tokenizer"):
+        evaluate(None, None, ["Pong"], EvalConfig(planner="greedy", max_frames=4))
     with pytest.raises(ConfigError, match="max_frames"):
         EvalConfig(max_frames=0).validate()
     with pytest.raises(ConfigError, match="no room for context"):
@@ -223,15 +225,18 @@ def test_cli_errors(ckpt, tiny_tokenizer_ckpt, tmp_path):
     assert r.exit_code == 2
 
 
-def test_history_matches_a_step_by_step_reference(ckpt, tiny_tokenizer_ckpt):
+def test_history_matches_a_step_by_step_reference(ckpt):
     """The batched evaluator's left-padded history (tokens + actions, newest last) gives the same decisions as
     planning on exactly the real last `history` steps, one env at a time."""
     from jowa_data.atari import AtariConfig, AtariEnv
     from jowa_model.checkpoint import load_world_action
     from pipelines.evaluate import play_game, set_action_mask_rows
 
+    from jowa_model.tokenizer import Tokenizer, tokenizer_preset
+
     model, _ = load_world_action(ckpt)
-    tok = load_tokenizer(tiny_tokenizer_ckpt)
+    torch.manual_seed(0)  # an untrained convnet tokenizer: its tokens change with every Pong frame
+    tok = Tokenizer(tokenizer_preset("tiny_conv")).eval()
     pong = load_manifests().get("Pong")
     set_action_mask_rows(model, [pong])
     cfg = EvalConfig(episodes=2, planner="greedy", history=3, epsilon=0.0, max_frames=60)
@@ -253,3 +258,28 @@ def test_history_matches_a_step_by_step_reference(ckpt, tiny_tokenizer_ckpt):
 
     assert res.actions[0] == res.actions[1] == reference(3)
     assert len(set(res.actions[0])) > 1 and reference(1) != reference(3)  # the history matters to this model
+
+
+def test_random_and_heuristic_baselines_need_no_model(tmp_path):
+    """`--planner random|heuristic`: the same protocol without a model; H and K are not recorded or shown."""
+    out = tmp_path / "rnd.json"
+    r = jowa("eval", "--planner", "random", "--games", "Breakout", "--episodes", 3, "--max-frames", 400,
+             "--out", out)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    g = doc["games"]["Breakout"]
+    assert doc["checkpoint"] is None and doc["model_free"] == "random"
+    assert g["settings"]["planner"] == "random" and "horizon" not in g["settings"] and "history" not in g["settings"]
+    assert len(g["returns"]) == 3 and all(f <= 400 for f in g["frames"])
+    assert all(0 <= c <= r for c, r in zip(g["clipped_returns"], g["returns"]))  # Breakout rewards are 1, 4 or 7
+    assert g["std"] == pytest.approx(np.std(g["returns"], ddof=1))  # sample std
+    assert "Breakout" in r.output and "random" in r.output
+    # same seed, same episodes; the rerun keeps them
+    r2 = jowa("eval", "--planner", "random", "--games", "Breakout", "--episodes", 3, "--max-frames", 400,
+              "--out", out, "--json")
+    assert json.loads(r2.stdout)["reused"] == ["Breakout"]
+    h = evaluate(None, None, ["Freeway"], EvalConfig(planner="heuristic", episodes=2, max_frames=2000))
+    f = h["games"]["Freeway"]
+    assert f["returns"][0] >= 1 and f["clipped_returns"] == f["returns"]  # the runner crosses the road
+    r = jowa("eval", "--planner", "greedy", "--games", "Pong")
+    assert r.exit_code == 2 and "CHECKPOINT and --tokenizer" in r.output
