@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -168,8 +168,9 @@ def write_task(out: Path, spec: dict[str, Any], arrays: TaskArrays) -> dict[str,
     return record
 
 
-def run_task(spec: dict[str, Any]) -> dict[str, Any]:
-    """Build one task end to end; returns small metadata (rows, seconds per stage)."""
+def run_task(spec: dict[str, Any], progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Build one task end to end; returns small metadata (rows, seconds per stage). `progress(n)` is called as
+    frames are tokenized (in-process runs: the bar then moves within a task, not only when one ends)."""
     from jowa_data.tokenize import encode_frames, load_frozen_tokenizer, pick_device
 
     out = Path(spec["out_dir"])
@@ -178,7 +179,8 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
     t1 = time.perf_counter()
     device = pick_device(spec["device"])
     tok = load_frozen_tokenizer(spec["tokenizer"], device)
-    tokens = encode_frames(tok, frames, batch=spec["encode_batch"], device=device, precision=spec["precision"])
+    tokens = encode_frames(tok, frames, batch=spec["encode_batch"], device=device, precision=spec["precision"],
+                           progress=progress)
     del frames
     t2 = time.perf_counter()
     write_task(out, spec, to_task_arrays(spec, tokens, actions_min, rewards, terminals))
@@ -205,6 +207,10 @@ def _iter_results(specs: list[dict], scheduler: str, workers: int, bar) -> Itera
         return
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"--scheduler must be one of {SCHEDULERS} or tcp://HOST:PORT, got {scheduler!r}")
+    if scheduler == "synchronous":  # in this process, one task after another: the bar moves with every chunk
+        for s in specs:
+            yield run_task(s, progress=bar.update)
+        return
     import dask
     from dask.callbacks import Callback
 

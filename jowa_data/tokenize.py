@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -47,8 +48,8 @@ def tokenizer_checksum(path: str | Path) -> str:
 
 
 def encode_frames(tokenizer, frames: np.ndarray, batch: int = 256, device: str = "cpu",
-                  precision: str = "fp32") -> np.ndarray:
-    """(N, 84, 84) uint8 -> (N, 36) uint16, `batch` frames per forward (on `device`)."""
+                  precision: str = "fp32", progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """(N, 84, 84) uint8 -> (N, 36) uint16, `batch` frames per forward (on `device`); `progress(n)` after each."""
     import torch
 
     assert precision in PRECISIONS, precision
@@ -65,4 +66,6 @@ def encode_frames(tokenizer, frames: np.ndarray, batch: int = 256, device: str =
         assert t.shape == (len(x), TOKENS_PER_FRAME), t.shape
         assert t.size == 0 or int(t.max()) < VOCAB_SIZE
         out[i:i + len(x)] = t
+        if progress is not None:
+            progress(len(x))
     return out

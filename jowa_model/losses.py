@@ -120,8 +120,10 @@ def td_targets_mask(mask: torch.Tensor, dones: torch.Tensor) -> torch.Tensor:
     return mask & (dones | next_real)
 
 
-def action_loss(model: WorldActionModel, h_q: torch.Tensor, batch: Mapping[str, torch.Tensor], cfg: LossConfig):
-    """Eq. 8 on last-obs-token features h_q (B, L, D): (TD loss, CQL term, mean Q at data actions)."""
+def action_loss(model: WorldActionModel, h_q: torch.Tensor, batch: Mapping[str, torch.Tensor], cfg: LossConfig,
+                cql_mask: torch.Tensor | None = None):
+    """Eq. 8 on last-obs-token features h_q (B, L, D): (TD loss, CQL term, mean Q at data actions).
+    `cql_mask` (B, L) picks the steps CQL sees (default: the real steps, `mask_padding`)."""
     actions, rewards, mask = batch["actions"], batch["rewards"], batch["mask_padding"]
     dones = batch["ends"].bool()
     support = model.support
@@ -154,7 +156,8 @@ def action_loss(model: WorldActionModel, h_q: torch.Tensor, batch: Mapping[str, 
 
     cql = td.new_zeros(())
     if cfg.cql_alpha:
-        cql = cql_penalty(q_exp, q_data, mask, valid_actions if cfg.cql_actions == "valid" else None, cfg.cql_alpha)
+        cql = cql_penalty(q_exp, q_data, mask if cql_mask is None else cql_mask,
+                          valid_actions if cfg.cql_actions == "valid" else None, cfg.cql_alpha)
     return td, cql, masked_mean(q_data.detach(), mask)
 
 
@@ -209,12 +212,15 @@ TERM_ORDER = ("obs", "steps", "td", "cql", "bc")  # rows of `term_counts`; rewar
 
 
 def compute_loss(model: WorldActionModel, batch: Mapping[str, torch.Tensor], cfg: LossConfig | None = None,
-                 stage: int = 2, scales: torch.Tensor | None = None) -> LossTerms:
+                 stage: int = 2, scales: torch.Tensor | None = None, world_rows: int | None = None,
+                 cql_mask: torch.Tensor | None = None) -> LossTerms:
     """Stage 1: L_world (Eq. 7). Stage 2: beta * L_world + L_action (Eq. 9). MTBC: the BC loss only.
 
-    `scales` (5,) multiplies each masked-mean term in `total` (order `TERM_ORDER`). Under DDP with W ranks,
-    scales = W * local_count / global_count makes the gradient average equal to the gradient of ONE mean over
-    the global batch, whatever the padding on each rank. The logged terms stay local means.
+    The one loss of pretraining and fine-tuning. `scales` (5,) multiplies each masked-mean term in `total` (order
+    `TERM_ORDER`). Under DDP with W ranks, scales = W * local_count / global_count makes the gradient average
+    equal to the gradient of ONE mean over the global batch, whatever the padding on each rank. The logged terms
+    stay local means. Fine-tuning appends imagined rows: `world_rows` = how many leading rows are real (the world
+    loss sees only those), `cql_mask` = the steps CQL sees (see `action_loss`).
     """
     cfg = cfg or LossConfig()
     check_batch(batch, model)
@@ -232,10 +238,11 @@ def compute_loss(model: WorldActionModel, batch: Mapping[str, torch.Tensor], cfg
         world_w = 1.0 if stage == 1 else cfg.world_weight
         total = zero
         if world_w:
-            obs, rew, end = world_loss(model, h, batch)
+            real = batch if world_rows is None else {k: v[:world_rows] for k, v in batch.items()}
+            obs, rew, end = world_loss(model, h if world_rows is None else h[:world_rows], real)
             total = world_w * (s[0] * obs + s[1] * (rew + end))
         if stage == 2:
-            td, cql, q_data = action_loss(model, h_q, batch, cfg)
+            td, cql, q_data = action_loss(model, h_q, batch, cfg, cql_mask)
             total = total + s[2] * td + s[3] * cql
     d = lambda t: t.detach()  # noqa: E731
     return LossTerms(total, d(obs), d(rew), d(end), d(td), d(cql), d(q_data), d(bc))

@@ -73,6 +73,7 @@ class WorldActionConfig:
     num_atoms: int = 51  # C51 atoms
     v_min: float = -10.0  # support lower edge (official critic config)
     v_max: float = 30.0  # support upper edge
+    q_prior_std: float = 0.0  # > 0: Q head starts at a return distribution N(0, this^2) (0 = the paper's init)
     # --- variants ---
     mtbc: bool = False  # paper E.1.2 MTBC baseline: no world heads, Q head -> 18 action logits (BC)
     target_update_every: int = 1000  # steps between hard target-head copies (official config)
@@ -463,6 +464,8 @@ class WorldActionModel(nn.Module):
         q_out = cfg.num_actions if cfg.mtbc else cfg.num_actions * cfg.num_atoms
         self.head_q = EnsembleQHead(d, cfg.q_hidden, cfg.num_q, q_out, cfg.q_dropout)
         self.apply(self._init_weights)
+        if cfg.q_prior_std > 0 and not cfg.mtbc:
+            self._init_q_prior(cfg.q_prior_std)
         if not cfg.mtbc:
             self.head_q_target = copy.deepcopy(self.head_q).requires_grad_(False).eval()
         self.register_buffer("support", torch.linspace(cfg.v_min, cfg.v_max, cfg.num_atoms), persistent=False)
@@ -475,6 +478,20 @@ class WorldActionModel(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+    @torch.no_grad()
+    def _init_q_prior(self, std: float) -> None:
+        """Start every action's C51 distribution near N(0, std^2) instead of near uniform on [v_min, v_max].
+
+        Why (small scale only): a uniform start has mean (v_min + v_max) / 2 = 10 and every Bellman backup only
+        shrinks its width by gamma, so it takes hundreds of target updates before the TD target carries the
+        rewards (a few thousand steps leave the TD loss at ln(atoms), and max over noisy uniform Q values drifts
+        upwards). Starting at "return ~ 0" lets each backup add the rewards one step further back."""
+        last = self.head_q.weights[-1]
+        z = torch.linspace(self.cfg.v_min, self.cfg.v_max, self.cfg.num_atoms)
+        prior = (-0.5 * (z / std) ** 2).repeat(self.cfg.num_actions)  # (18 * atoms,) log-density up to a constant
+        self.head_q.biases[-1].copy_(prior.expand_as(self.head_q.biases[-1]))
+        last.mul_(0.1)  # keep the features' share small at the start: the prior dominates the first outputs
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -32,7 +32,6 @@ evaluation. Resume is exact: rerun the same command and it continues from the ne
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -48,11 +47,12 @@ from jowa_data.errors import CheckpointError, ConfigError, DatasetError
 from jowa_data.io import atomic_write_json, safe_torch_load
 from jowa_data.manifest import GameManifest
 from jowa_model.checkpoint import FORMAT, load_world_action, model_state, save_world_action
-from jowa_model.losses import LossConfig, action_loss, cql_penalty, world_loss
+from jowa_model.losses import LossConfig, compute_loss, td_targets_mask
 from jowa_model.planner import beam_search
 from jowa_model.world_action import WorldActionModel
 from pipelines.dist import pick_device
-from pipelines.pretrain import OptimConfig, RunFiles, autocast_ctx, endless, make_optimizer, set_stage, to_device
+from pipelines.train_core import (MetricsLog, OptimConfig, Progress, RunFiles, autocast_ctx, endless, make_optimizer,
+                                  optimizer_step, rng_state, set_rng_state, set_stage, to_device)
 
 # --------------------------------------------------------------------------------------------- config
 
@@ -143,7 +143,9 @@ def finetune_preset(name: str = "paper") -> FinetuneConfig:
     if name == "paper":
         return FinetuneConfig()
     if name == "tiny":
+        # CQL alpha 1.0 as the tiny pretraining preset (see pipelines.pretrain.train_preset)
         return FinetuneConfig(data=FinetuneDataConfig(batch_size=8), steps=50, log_every=5, ckpt_every=25,
+                              loss=LossConfig(world_weight=0.5, cql_alpha=1.0),
                               imagine=ImagineConfig(batch_size=4, after_steps=0),
                               eval=EvalConfig(every=25, episodes=2, max_frames=2000), lr=5e-4, critic_lr=5e-4)
     raise ConfigError(f"unknown fine-tuning preset {name!r} (choose 'paper' or 'tiny')")
@@ -299,39 +301,25 @@ def imagine_segments(model: WorldActionModel, context: dict[str, torch.Tensor], 
 
 def finetune_loss(model: WorldActionModel, real: dict[str, torch.Tensor], imagined: dict[str, torch.Tensor] | None,
                   cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """beta * L_world(real) + L_action(real + imagined) in one forward of the concatenated batch.
-
-    TD uses `mask_padding` (imagined: up to the dummy bootstrap step); CQL uses the real mask and the
-    imagined `cql_mask` (no dummy step)."""
+    """beta * L_world(real) + L_action(real + imagined) in one forward of the concatenated batch, through the
+    pretraining loss (`jowa_model.losses.compute_loss`, stage 2). TD uses `mask_padding` (imagined: up to the dummy
+    bootstrap step); CQL uses the real mask and the imagined `cql_mask` (no dummy step)."""
     keys = ("tokens", "actions", "rewards", "ends", "mask_padding", "task_ids")
     b = real["tokens"].shape[0]
     if imagined is not None and imagined["tokens"].shape[0]:
         batch = {k: torch.cat([real[k], imagined[k].to(real[k].dtype)]) for k in keys}
         cql_mask = torch.cat([real["mask_padding"], imagined["cql_mask"]])
     else:
-        batch, cql_mask, imagined = {k: real[k] for k in keys}, real["mask_padding"], None
-    h = model(batch["tokens"], batch["actions"], batch["task_ids"])  # (B', L, 37, D)
-    obs, rew, end = world_loss(model, h[:b], {k: v[:b] for k, v in batch.items()})
-    h_q = h[:, :, model.cfg.obs_tokens - 1]  # (B', L, D)
-    if not cfg.action_grad_to_backbone:
-        h_q = h_q.detach()
-    td, _, q_data = action_loss(model, h_q, batch, dataclasses.replace(cfg, cql_alpha=0.0))
-    cql = h.new_zeros((), dtype=torch.float32)
-    if cfg.cql_alpha:
-        q_exp = model.q_probs(h_q) @ model.support  # (B', L, 18)
-        q_at = q_exp.gather(2, batch["actions"][:, :, None]).squeeze(2)
-        valid = model.action_mask_for(batch["task_ids"])[:, None, :] if cfg.cql_actions == "valid" else None
-        cql = cql_penalty(q_exp, q_at, cql_mask, valid, cfg.cql_alpha)
-    total = cfg.world_weight * (obs + rew + end) + td + cql
-    terms = {"train/loss_obs": obs, "train/loss_reward": rew, "train/loss_end": end, "train/loss_td": td,
-             "train/loss_cql": cql, "train/q_data": q_data}
+        batch, cql_mask, imagined = {k: real[k] for k in keys}, None, None
+    t = compute_loss(model, batch, cfg, stage=2, world_rows=b, cql_mask=cql_mask)
+    terms = {"train/loss_obs": t.obs, "train/loss_reward": t.reward, "train/loss_end": t.end, "train/loss_td": t.td,
+             "train/loss_cql": t.cql, "train/q_data": t.q_data}
     if imagined is not None:
-        from jowa_model.losses import td_targets_mask
-
-        terms["imagine/segments"] = torch.tensor(float(imagined["tokens"].shape[0]), device=h.device)
+        dev = t.total.device
+        terms["imagine/segments"] = torch.tensor(float(imagined["tokens"].shape[0]), device=dev)
         terms["imagine/td_targets"] = td_targets_mask(imagined["mask_padding"], imagined["ends"].bool()).sum().float()
         terms["imagine/cql_steps"] = imagined["cql_mask"].sum().float()
-    return total, {k: v.detach() for k, v in terms.items()}
+    return t.total, terms
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -340,6 +328,7 @@ def finetune_loss(model: WorldActionModel, real: dict[str, torch.Tensor], imagin
 @dataclass
 class EvalResult:
     returns: list[float]  # raw (unclipped) return of each episode
+    clipped_returns: list[float]  # sum of clip(r, -1, 1) of each episode (DQN-Replay's reward units)
     steps: list[int]  # agent steps of each episode
     actions: list[int]  # every full action id the agent sent to the emulator (for checks)
 
@@ -360,7 +349,7 @@ def play_episodes(model: WorldActionModel, tokenizer, manifest: GameManifest, cf
                           sticky=cfg.sticky, max_frames=cfg.max_frames, seed=cfg.seed,
                           precision="bf16" if autocast_dtype == torch.bfloat16 else "fp32")
     res = play_game(model, tokenizer, manifest, gcfg, progress=progress)
-    return EvalResult(res.returns, res.lengths, [a for ep in res.actions for a in ep])
+    return EvalResult(res.returns, res.clipped_returns, res.lengths, [a for ep in res.actions for a in ep])
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -448,9 +437,7 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Path, stop_
         stream.load_state_dict(st["stream"])
         if sampler is not None and st.get("sampler"):
             sampler.load_state_dict(st["sampler"])
-        torch.set_rng_state(st["rng"])
-        if st.get("cuda_rng") is not None and device.startswith("cuda"):
-            torch.cuda.set_rng_state(st["cuda_rng"], device)
+        set_rng_state(st["rng"], device)
         run.truncate_metrics(step)
     else:
         atomic_write_json(run.root / "config.json", cfg_dict)
@@ -468,7 +455,8 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Path, stop_
         res = play_episodes(model, tokenizer, manifest, cfg.eval, imag_dtype, progress=progress)
         model.train()
         prev_best = max((e["mean"] for e in evals), default=-math.inf)
-        evals.append({"step": s, "returns": res.returns, "mean": res.mean, "episode_steps": res.steps})
+        evals.append({"step": s, "returns": res.returns, "clipped_returns": res.clipped_returns, "mean": res.mean,
+                      "episode_steps": res.steps})
         if res.mean > prev_best:
             save_world_action(model, run.root / "best.pt",
                               finetune_best={"step": s, "mean": res.mean, "game": manifest.name,
@@ -479,27 +467,18 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Path, stop_
 
     def save(s: int) -> None:
         st = {"step": s, "config": json.dumps(cfg_dict), "stream": stream.state_dict(),
-              "sampler": sampler.state_dict() if sampler is not None else None, "rng": torch.get_rng_state(),
-              "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None,
+              "sampler": sampler.state_dict() if sampler is not None else None, "rng": rng_state(device),
               "evals": evals, "imagined_total": imagined_total}
         from jowa_data.io import atomic_torch_save
 
         atomic_torch_save(model_state(model) | {"optimizer": opt.state_dict(), "finetune": st}, run.ckpt_path(s))
         run.prune(cfg.keep_ckpts)
 
-    def log(row: dict) -> None:
-        with open(run.metrics, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-
-    params = [p for g in opt.param_groups for p in g["params"]]
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
     it = endless(stream)
-    t_last, steps_since = time.perf_counter(), 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=end, initial=step, desc=f"finetune {manifest.name}", unit="step", dynamic_ncols=True)
+    t_last, steps_since, tokens_since = time.perf_counter(), 0, 0
+    bar = Progress(end, step, f"finetune {manifest.name}", enabled=progress)
+    metrics = MetricsLog(run, purge_step=step)
     while step < end:
         real = to_device(next(it), device)
         imagined = None
@@ -511,15 +490,12 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Path, stop_
             imagined_total += int(imagined["tokens"].shape[0])
         with autocast_ctx(device, cfg.precision):
             total, terms = finetune_loss(model, real, imagined, cfg.loss)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        gnorm = optimizer_step(total, opt, cfg.grad_clip)
         step += 1
         steps_since += 1
+        tokens_since += int(real["tokens"].shape[0] * real["tokens"].shape[1] * (model.cfg.obs_tokens + 1))
         model.step_target(step)
-        if bar is not None:
-            bar.update(1)
+        bar.update(step)
         if step % cfg.log_every == 0 or step == end:
             vals = torch.stack([total.detach().float(), gnorm.float()] + [v.float() for v in terms.values()]).tolist()
             row = {"step": step, "train/loss": vals[0], "train/grad_norm": vals[1]}
@@ -527,14 +503,16 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Path, stop_
             row["imagine/total"] = imagined_total
             dt = time.perf_counter() - t_last
             row["perf/steps_per_s"] = steps_since / max(dt, 1e-9)
-            t_last, steps_since = time.perf_counter(), 0
-            log(row)
+            row["perf/tokens_per_s"] = tokens_since / max(dt, 1e-9)  # real segments' tokens, as in pretraining
+            t_last, steps_since, tokens_since = time.perf_counter(), 0, 0
+            metrics.log(row)
+            bar.update(step, 2, row, ("train/loss_obs", "train/loss_td", "train/loss_cql"))
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.steps:
             evaluate(step)
         if step % cfg.ckpt_every == 0 or step == end:
             save(step)
-    if bar is not None:
-        bar.close()
+    bar.close()
+    metrics.close()
     rep = report()
     atomic_write_json(run.root / "report.json", rep)
     return rep

@@ -197,7 +197,8 @@ def pretrain_stage(a: argparse.Namespace, out: Path, tokenizer: str, clock: Cloc
     the measured wall time per step (chunk overheads included), so a machine that slows down or speeds up still
     ends the run on budget.
     """
-    from pipelines.pretrain import RunFiles, pretrain
+    from pipelines.pretrain import pretrain
+    from pipelines.train_core import RunFiles
 
     plan_path = out / "pretrain_plan.json"
     if plan_path.exists():  # resuming: keep the stage split

@@ -161,6 +161,31 @@ def test_target_head_copy_schedule_and_no_grad():
     assert torch.equal(m.head_q_target.weights[0], m.head_q.weights[0])
 
 
+def test_q_prior_starts_every_return_distribution_at_zero():
+    """q_prior_std > 0 (the tiny preset): expected Q ~ 0 and a TD target of zero rewards is already matched;
+    the paper's init starts near uniform on [-10, 30] (mean 10) with a TD loss near ln(51)."""
+    import dataclasses
+    import math
+
+    from jowa_model.losses import LossConfig, action_loss
+
+    torch.manual_seed(0)
+    base = dataclasses.replace(model_preset("tiny"), num_tasks=4)
+    batch = {"actions": torch.randint(0, 18, (3, 8)), "rewards": torch.zeros(3, 8), "ends": torch.zeros(3, 8).long(),
+             "mask_padding": torch.ones(3, 8, dtype=torch.bool), "task_ids": torch.zeros(3).long()}
+    h = torch.randn(3, 8, 64)
+    for std, q_near, td_near in ((0.0, 10.0, math.log(51)), (1.0, 0.0, None)):
+        m = WorldActionModel(dataclasses.replace(base, q_prior_std=std)).eval()
+        q = m.q_values(h).detach()
+        assert (q - q_near).abs().max() < 2.0 and abs(float(q.mean()) - q_near) < 0.5, (std, q)
+        td = float(action_loss(m, h, batch, LossConfig(cql_alpha=0.0))[0].detach())
+        if td_near is not None:
+            assert abs(td - td_near) < 0.05
+        else:  # a concentrated prior: cross-entropy of the (same) prior projected at r = 0 is its small entropy
+            assert td < 2.5
+        assert torch.equal(m.q_values(h, target=True), q)  # the target head starts as the same copy
+
+
 def test_param_groups_partition_trainable_params():
     m = tiny_model()
     groups = m.param_groups(1e-4, 5e-5, 0.01)

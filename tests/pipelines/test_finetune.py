@@ -1,4 +1,4 @@
-"""Fine-tuning on a game the pretraining never saw (Breakout, defined by a manifest file alone): own task id and
+"""Fine-tuning on a game the pretraining never saw (Bowling, defined by a manifest file alone): own task id and
 action mask, planning-based synthetic data (tokens stay tokens, dummy step masked), evaluation on the real
 emulator, best.pt/report.json, exact resume, CLI errors."""
 
@@ -15,15 +15,16 @@ from jowa_data.config import apply_overrides
 from jowa_data.errors import ConfigError, DatasetError
 from jowa_data.manifest import load_manifests
 from jowa_model.checkpoint import load_world_action
-from jowa_model.losses import LossConfig, td_targets_mask
+from jowa_model.losses import LossConfig, compute_loss, td_targets_mask
 from jowa_model.planner import WorldModelImagination
-from pipelines.finetune import (ContextSampler, FinetuneDataConfig, build_finetune_dataset, check_dataset,
-                                finetune, finetune_loss, finetune_preset, imagine_segments, load_pretrained)
+from pipelines.finetune import (ContextSampler, FinetuneConfig, FinetuneDataConfig, build_finetune_dataset,
+                                check_dataset, finetune, finetune_loss, finetune_preset, imagine_segments,
+                                load_pretrained)
 from pipelines.pretrain import pretrain, train_preset
 from pipelines.viz import read_metrics
 from tests.fixtures_data import make_recorded_replay
 
-BREAKOUT_FULL_IDS = {0, 1, 3, 4}  # NOOP, FIRE, RIGHT, LEFT
+BOWLING_FULL_IDS = {0, 1, 2, 5, 10, 13}  # NOOP, FIRE, UP, DOWN, UPFIRE, DOWNFIRE
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +37,19 @@ def pretrained(built_dataset, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def breakout(breakout_manifest_dir, built_dataset, tmp_path_factory):
-    """Breakout recorded on the real emulator and built into a small fine-tuning set (checkpoints 1-2)."""
-    root = tmp_path_factory.mktemp("breakout")
-    make_recorded_replay(root / "replay", games=("Breakout",), steps=400, capacity=150,
-                         manifest_dirs=[breakout_manifest_dir])
-    manifest = load_manifests([breakout_manifest_dir]).get("Breakout")
+def bowling(bowling_manifest_dir, built_dataset, tmp_path_factory):
+    """Bowling recorded on the real emulator and built into a small fine-tuning set (checkpoints 1-2)."""
+    root = tmp_path_factory.mktemp("bowling")
+    make_recorded_replay(root / "replay", games=("Bowling",), steps=400, capacity=150,
+                         manifest_dirs=[bowling_manifest_dir])
+    manifest = load_manifests([bowling_manifest_dir]).get("Bowling")
     ds = build_finetune_dataset(manifest, root / "replay", built_dataset.tokenizer, root / "ds",
                                 FinetuneDataConfig(transitions=120, checkpoints=(1, 2)), progress=False)
     return manifest, ds
 
 
-def tiny_cfg(breakout_manifest_dir, tokenizer, dataset, **over) -> "FinetuneConfig":  # noqa: F821
-    base = {"game": "Breakout", "tokenizer": str(tokenizer), "manifests": [str(breakout_manifest_dir)],
+def tiny_cfg(bowling_manifest_dir, tokenizer, dataset, **over) -> FinetuneConfig:
+    base = {"game": "Bowling", "tokenizer": str(tokenizer), "manifests": [str(bowling_manifest_dir)],
             "data": {"dataset": str(dataset), "batch_size": 4}, "steps": 3, "log_every": 1, "ckpt_every": 2,
             "imagine": {"batch_size": 2, "after_steps": 0},
             "eval": {"every": 2, "episodes": 2, "max_frames": 60, "epsilon": 0.0}}
@@ -57,30 +58,30 @@ def tiny_cfg(breakout_manifest_dir, tokenizer, dataset, **over) -> "FinetuneConf
     return apply_overrides(finetune_preset("tiny"), base)
 
 
-def test_dataset_is_the_new_game_with_its_own_task_id(breakout, built_dataset):
-    manifest, ds = breakout
+def test_dataset_is_the_new_game_with_its_own_task_id(bowling, built_dataset):
+    manifest, ds = bowling
     info = json.loads((ds / "info.json").read_text())
-    assert list(info["games"]) == ["Breakout"] and info["games"]["Breakout"]["task_id"] == 13
-    assert info["games"]["Breakout"]["transitions"] >= 100
+    assert list(info["games"]) == ["Bowling"] and info["games"]["Bowling"]["task_id"] == 11
+    assert info["games"]["Bowling"]["transitions"] >= 100
     check_dataset(ds, manifest, built_dataset.tokenizer)
-    with pytest.raises(DatasetError, match=r"info\.json.*Breakout alone"):
+    with pytest.raises(DatasetError, match=r"info\.json.*Bowling alone"):
         check_dataset(built_dataset.path, manifest, None)
 
 
-def test_acceptance_finetune_new_game_with_imagination(pretrained, breakout, breakout_manifest_dir, built_dataset,
+def test_acceptance_finetune_new_game_with_imagination(pretrained, bowling, bowling_manifest_dir, built_dataset,
                                                        tmp_path):
-    manifest, ds = breakout
+    manifest, ds = bowling
     pre, _ = load_world_action(pretrained)
-    assert pre.action_masks[13].all()  # pretraining never set Breakout's row
-    cfg = tiny_cfg(breakout_manifest_dir, built_dataset.tokenizer, ds)
+    assert pre.action_masks[11].all()  # pretraining never set Bowling's row
+    cfg = tiny_cfg(bowling_manifest_dir, built_dataset.tokenizer, ds)
     played = []
     rep = finetune(cfg, pretrained, tmp_path / "ft", on_eval=lambda s, r: played.append((s, r)), progress=False)
 
-    # evaluated on the real emulator at steps 2 and 3, only with Breakout's valid actions
+    # evaluated on the real emulator at steps 2 and 3, only with Bowling's valid actions
     assert [s for s, _ in played] == [2, 3] and [e["step"] for e in rep["evals"]] == [2, 3]
     for _, r in played:
         assert len(r.returns) == 2 and all(0 < n <= 15 for n in r.steps)  # 60 frames = 15 agent steps
-        assert set(r.actions) <= BREAKOUT_FULL_IDS and len(r.actions) == sum(r.steps)
+        assert set(r.actions) <= BOWLING_FULL_IDS and len(r.actions) == sum(r.steps)
     # imagined samples were produced and used in every step's loss
     rows = read_metrics(tmp_path / "ft" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -91,9 +92,9 @@ def test_acceptance_finetune_new_game_with_imagination(pretrained, breakout, bre
     best = max(rep["evals"], key=lambda e: (e["mean"], -e["step"]))
     assert rep["best"]["step"] == best["step"] and rep["best"]["mean"] == best["mean"]
     model, ckpt = load_world_action(tmp_path / "ft" / "best.pt")
-    assert ckpt["finetune_best"]["step"] == best["step"] and ckpt["finetune_best"]["task_id"] == 13
-    assert torch.equal(model.action_masks[13], torch.from_numpy(manifest.action_mask))
-    assert int(model.action_masks[13].sum()) == 4
+    assert ckpt["finetune_best"]["step"] == best["step"] and ckpt["finetune_best"]["task_id"] == 11
+    assert torch.equal(model.action_masks[11], torch.from_numpy(manifest.action_mask))
+    assert int(model.action_masks[11].sum()) == 6
     assert torch.equal(model.action_masks[39], pre.action_masks[39])  # Pong's row untouched
     assert json.loads((tmp_path / "ft" / "report.json").read_text()) == json.loads(json.dumps(rep))
 
@@ -102,13 +103,13 @@ def _contexts(ds, n=3):
     return ContextSampler(ds, context=6, batch_size=n, seed=0, backend="zarr", stride=1).sample()
 
 
-def test_imagined_segments_keep_tokens_and_mask_the_dummy(pretrained, breakout):
-    manifest, ds = breakout
+def test_imagined_segments_keep_tokens_and_mask_the_dummy(pretrained, bowling):
+    manifest, ds = bowling
     model = load_pretrained(pretrained, manifest, "cpu")
     with torch.no_grad():  # never "done": the whole imagined path exists (see the next test for terminals)
         model.head_end[-1].bias.copy_(torch.tensor([1e4, -1e4]))
     ctx = _contexts(ds)
-    assert (ctx["task_ids"] == 13).all() and ctx["mask_padding"].all()
+    assert (ctx["task_ids"] == 11).all() and ctx["mask_padding"].all()
     out = imagine_segments(model, ctx, horizon=2, beam_width=2)
     n = ctx["tokens"].shape[0]
     assert out["tokens"].shape == (n, 8, 36) and out["actions"].shape == (n, 8)
@@ -116,7 +117,7 @@ def test_imagined_segments_keep_tokens_and_mask_the_dummy(pretrained, breakout):
     assert torch.equal(out["actions"][:, :5], ctx["actions"][:, :5])
     assert torch.equal(out["actions"][:, 5], out["root_actions"])  # the planner's root action
     assert torch.equal(out["actions"][:, 7], out["actions"][:, 6])  # dummy = copy of a_2
-    assert set(out["actions"][:, 5:].flatten().tolist()) <= BREAKOUT_FULL_IDS
+    assert set(out["actions"][:, 5:].flatten().tolist()) <= BOWLING_FULL_IDS
     assert out["rewards"][:, 7].eq(0).all() and out["ends"][:, 7].eq(0).all()
     # the imagined frames are exactly the greedy tokens of the chosen path (no pixel round trip)
     imag = WorldModelImagination(model)
@@ -131,8 +132,8 @@ def test_imagined_segments_keep_tokens_and_mask_the_dummy(pretrained, breakout):
     assert td_targets_mask(out["mask_padding"], out["ends"].bool()).sum(1).tolist() == [7] * n
 
 
-def test_predicted_terminal_is_absorbing(pretrained, breakout):
-    manifest, ds = breakout
+def test_predicted_terminal_is_absorbing(pretrained, bowling):
+    manifest, ds = bowling
     model = load_pretrained(pretrained, manifest, "cpu")
     with torch.no_grad():  # force "done" at every action token
         model.head_end[-1].bias.copy_(torch.tensor([-1e4, 1e4]))
@@ -144,8 +145,8 @@ def test_predicted_terminal_is_absorbing(pretrained, breakout):
     assert has[:, 5].all() and not has[:, 6:].any()  # step 5 targets r̂_1 alone
 
 
-def test_dummy_step_does_not_reach_the_loss(pretrained, breakout):
-    manifest, ds = breakout
+def test_dummy_step_does_not_reach_the_loss(pretrained, bowling):
+    manifest, ds = bowling
     model = load_pretrained(pretrained, manifest, "cpu")
     with torch.no_grad():
         model.head_end[-1].bias.copy_(torch.tensor([1e4, -1e4]))  # no predicted terminal: step 6 is live
@@ -167,9 +168,30 @@ def test_dummy_step_does_not_reach_the_loss(pretrained, breakout):
     assert torch.equal(terms["train/loss_obs"], t_real["train/loss_obs"])
 
 
-def test_resume_is_exact(pretrained, breakout, breakout_manifest_dir, built_dataset, tmp_path):
-    _, ds = breakout
-    cfg = tiny_cfg(breakout_manifest_dir, built_dataset.tokenizer, ds, steps=4,
+def test_finetune_and_pretrain_share_one_loss(pretrained, bowling):
+    """On real data alone, fine-tuning's loss is pretraining's stage-2 loss (same code path): equal values and
+    equal gradients. With imagined rows, CQL reads the imagined `cql_mask` and the world loss only the real rows."""
+    manifest, ds = bowling
+    model = load_pretrained(pretrained, manifest, "cpu").eval()  # no dropout: exact comparisons
+    real = ContextSampler(ds, context=8, batch_size=3, seed=1, backend="zarr", stride=1).sample()
+    cfg = LossConfig(world_weight=0.5, cql_alpha=0.3)
+    ft_total, ft_terms = finetune_loss(model, real, None, cfg)
+    grads_ft = torch.autograd.grad(ft_total, [p for p in model.parameters() if p.requires_grad])
+    pre = compute_loss(model, real, cfg, stage=2)
+    grads_pre = torch.autograd.grad(pre.total, [p for p in model.parameters() if p.requires_grad])
+    assert torch.equal(ft_total, pre.total) and ft_terms["train/loss_td"] == pre.td
+    assert ft_terms["train/loss_cql"] == pre.cql and ft_terms["train/q_data"] == pre.q_data
+    assert all(torch.equal(a, b) for a, b in zip(grads_ft, grads_pre))
+    # expected Q in fp32 on both paths (a bf16 matmul under autocast used to blur fine-tuning's CQL values)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, _ = finetune_loss(model, real, None, cfg)
+        b = compute_loss(model, real, cfg, stage=2).total
+    assert torch.equal(a, b)
+
+
+def test_resume_is_exact(pretrained, bowling, bowling_manifest_dir, built_dataset, tmp_path):
+    _, ds = bowling
+    cfg = tiny_cfg(bowling_manifest_dir, built_dataset.tokenizer, ds, steps=4,
                    eval={"every": 0, "episodes": 1, "max_frames": 20})
     full = finetune(cfg, pretrained, tmp_path / "a", progress=False)
     finetune(cfg, pretrained, tmp_path / "b", stop_after=2, progress=False)
@@ -186,30 +208,30 @@ def test_resume_is_exact(pretrained, breakout, breakout_manifest_dir, built_data
         finetune(apply_overrides(cfg, {"imagine": {"horizon": 1}}), pretrained, tmp_path / "b", progress=False)
 
 
-def test_cli(pretrained, breakout, breakout_manifest_dir, built_dataset, tmp_path):
+def test_cli(pretrained, bowling, bowling_manifest_dir, built_dataset, tmp_path):
     from pipelines.cli import main
 
-    _, ds = breakout
-    common = ["finetune", str(pretrained), "--game", "Breakout", "--tokenizer", str(built_dataset.tokenizer),
-              "--manifests", str(breakout_manifest_dir), "--preset", "tiny"]
+    _, ds = bowling
+    common = ["finetune", str(pretrained), "--game", "Bowling", "--tokenizer", str(built_dataset.tokenizer),
+              "--manifests", str(bowling_manifest_dir), "--preset", "tiny"]
     r = CliRunner().invoke(main, common + ["--data", str(ds), "--out", str(tmp_path / "ok"), "--steps", "1",
                                            "--set", "data.batch_size=4", "--set", "imagine.batch_size=2",
                                            "--set", "eval.episodes=1", "--set", "eval.max_frames=20", "--json"],
                            prog_name="jowa", catch_exceptions=False)
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
-    assert rep["task_id"] == 13 and rep["steps"] == 1 and rep["imagined_segments"] == 2
+    assert rep["task_id"] == 11 and rep["steps"] == 1 and rep["imagined_segments"] == 2
     assert (tmp_path / "ok" / "best.pt").is_file()
     # a dataset of other games: exit 1, the message names its info.json
     r = CliRunner().invoke(main, common + ["--data", str(built_dataset.path), "--out", str(tmp_path / "bad")])
-    assert r.exit_code == 1 and "info.json" in r.output and "Breakout alone" in r.output
+    assert r.exit_code == 1 and "info.json" in r.output and "Bowling alone" in r.output
     # tokens from another tokenizer would not match the frames seen at evaluation
     from jowa_model.tokenizer import Tokenizer, save_tokenizer, tokenizer_preset
 
     torch.manual_seed(1)
     other = save_tokenizer(Tokenizer(tokenizer_preset("tiny")), tmp_path / "other.pt")
-    bad = [str(pretrained), "--game", "Breakout", "--tokenizer", str(other), "--manifests",
-           str(breakout_manifest_dir), "--data", str(ds), "--out", str(tmp_path / "bad2")]
+    bad = [str(pretrained), "--game", "Bowling", "--tokenizer", str(other), "--manifests",
+           str(bowling_manifest_dir), "--data", str(ds), "--out", str(tmp_path / "bad2")]
     r = CliRunner().invoke(main, ["finetune"] + bad)
     assert r.exit_code == 1 and "other.pt" in r.output and "checksums differ" in r.output
     r = CliRunner().invoke(main, common + ["--out", str(tmp_path / "x")])
@@ -219,14 +241,14 @@ def test_cli(pretrained, breakout, breakout_manifest_dir, built_dataset, tmp_pat
     assert r.exit_code == 1 and "Nope" in r.output
 
 
-def test_cli_builds_the_small_set_from_replay(pretrained, breakout, breakout_manifest_dir, built_dataset, tmp_path):
+def test_cli_builds_the_small_set_from_replay(pretrained, bowling, bowling_manifest_dir, built_dataset, tmp_path):
     """--replay: the 5k-style set (here 120 transitions of checkpoints 1-2) is built into OUT/data, then used."""
     from pipelines.cli import main
 
-    _, ds = breakout
+    _, ds = bowling
     out = tmp_path / "run"
-    r = CliRunner().invoke(main, ["finetune", str(pretrained), "--game", "Breakout", "--tokenizer",
-                                  str(built_dataset.tokenizer), "--manifests", str(breakout_manifest_dir),
+    r = CliRunner().invoke(main, ["finetune", str(pretrained), "--game", "Bowling", "--tokenizer",
+                                  str(built_dataset.tokenizer), "--manifests", str(bowling_manifest_dir),
                                   "--replay", str(ds.parent / "replay"), "--out", str(out), "--preset", "tiny",
                                   "--steps", "1", "--no-imagine", "--world-weight", "0.25",
                                   "--set", "data.checkpoints=[1, 2]", "--set", "data.transitions=120",

@@ -35,9 +35,11 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def test_two_stages_one_run(built_dataset, tmp_path):
+def test_two_stages_one_run(built_dataset, tmp_path, capsys):
     cfg = small_cfg(built_dataset.path)
     out = pretrain(cfg, tmp_path / "run")
+    err = capsys.readouterr().err  # the progress line: stage, step / total, losses, tokens/s (tqdm adds the ETA)
+    assert "pretrain 3+3" in err and "6/6" in err and "stage=2" in err and "tok/s=" in err and "td=" in err
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["stage"] for r in rows] == [1, 1, 1, 2, 2, 2]
