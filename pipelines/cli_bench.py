@@ -138,4 +138,28 @@ def plan_cmd(ckpt, preset, game, reps, warmup, bf16, no_encode, threads, as_json
                if cfg.encode else "tokenizer.encode excluded")
 
 
+@bench.command("learn")
+@click.option("--out", default="learn_out", show_default=True, type=click.Path(file_okay=False),
+              help="Output folder (rerun to resume).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="TOML/YAML overrides of LearnConfig.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a LearnConfig field (repeatable), e.g. --set transfer_game=Pong.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
+def learn_cmd(out: str, config_file: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+    """Does the agent beat the data it was trained on? Record mixed-quality data with heuristic controllers,
+    train tokenizer + one multi-game model, evaluate on the real emulator beside random play and the data's own
+    return (95% CIs), with world-model and tokenizer metrics against their baselines. Resumable; ~1 h on 2 cores."""
+    from jowa_data.config import resolve_config
+    from pipelines.learn import LearnConfig, render_report, run_learn
+
+    cfg = resolve_config(LearnConfig(), config_file, sets)
+    report = run_learn(out, cfg, console=stderr_console())
+    if as_json:
+        echo_json(report)
+        return
+    render_report(report, stdout_console())
+    click.echo(f"\nreport.json and pictures/ (report.png, reconstructions.png, ...) are in {out}/")
+
+
 COMMANDS = [bench]

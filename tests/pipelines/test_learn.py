@@ -1,0 +1,93 @@
+"""`jowa bench learn`: the report's arithmetic on hand-made numbers, its flags, and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from rich.console import Console
+
+from pipelines.cli import main
+from pipelines.learn import learn_checks, normalized, render_report, summarize_returns, td_flag
+from pipelines.scores import bootstrap_ci
+
+
+def test_bootstrap_ci_and_summary_by_hand():
+    x = [1.0, 2.0, 3.0, 10.0]
+    lo, hi = bootstrap_ci(x, n_boot=4000, ci=0.95, seed=0)
+    assert lo < np.mean(x) < hi and 1.0 <= lo < 3.0 and 6.0 < hi <= 10.0
+    assert bootstrap_ci(x, 4000, 0.95, 0) == (lo, hi)  # seeded
+    assert bootstrap_ci([5.0, 5.0, 5.0], 100) == (5.0, 5.0)  # no spread, no interval
+    assert bootstrap_ci([7.0], 100) == (7.0, 7.0)
+    s = summarize_returns(x, 4000, 0)
+    assert s["mean"] == 4.0 and s["episodes"] == 4 and s["ci"] == [lo, hi]
+    assert math.isclose(s["std"], np.std(x, ddof=1))  # sample std
+    assert summarize_returns([3.0], 100, 0)["std"] == 0.0
+
+
+def test_checks_on_hand_made_numbers():
+    def r(m):
+        return {"mean": m, "ci": [m, m]}
+
+    games = {"A": {"random": r(0.0), "data": r(10.0), "greedy": r(12.0), "beam": r(14.0)},
+             "B": {"random": r(2.0), "data": r(4.0), "greedy": r(3.0), "beam": r(3.0)},
+             "C": {"random": r(5.0), "data": r(6.0), "greedy": r(4.0), "beam": r(5.0)}}
+    world = {"A": {"token_acc": 0.9, "token_acc_copy": 0.8}, "B": {"token_acc": 0.5, "token_acc_copy": 0.6}}
+    c = learn_checks(games, world)
+    assert c["beats_random"] == {"A": True, "B": True, "C": False}
+    assert c["beats_data"] == {"A": True, "B": False, "C": False} and c["games_beating_data"] == 1
+    # normalized: A greedy 1.2 beam 1.4; B 0.5, 0.5; C -1.0, 0.0 -> greedy 0.2333, beam 0.6333
+    assert normalized(12.0, 0.0, 10.0) == 1.2
+    assert math.isclose(c["normalized_mean"]["greedy"], (1.2 + 0.5 - 1.0) / 3)
+    assert math.isclose(c["normalized_mean"]["beam"], (1.4 + 0.5 + 0.0) / 3)
+    assert c["beam_ge_greedy"] is True
+    assert c["world_model_ge_copy"] == {"A": True, "B": False}
+
+
+def test_td_flag_spots_a_uniform_return_distribution():
+    rows = [{"stage": 1, "train/loss_td": 0.0}] + [{"stage": 2, "train/loss_td": v} for v in (3.93, 3.92, 3.931)]
+    f = td_flag(rows, 51)
+    assert f["learned"] is False and math.isclose(f["ln_atoms"], math.log(51))
+    rows += [{"stage": 2, "train/loss_td": v} for v in (2.1, 2.0, 1.9)]
+    assert td_flag(rows, 51)["learned"] is True and td_flag(rows, 51)["td_first"] == 3.93
+    assert td_flag([{"stage": 1}], 51)["learned"] is None
+
+
+@pytest.mark.slow
+def test_learn_end_to_end_tiny_and_resume(tmp_path):
+    """Every stage on the real emulator at a toy size; a rerun resumes (every stage skipped) with the same report."""
+    sets = ["games=[\"Freeway\", \"Breakout\"]", "record_steps=700", "heldout_steps=300", "capacity=400",
+            "max_frames=1200", "tokenizer_steps=6", "stage1_steps=4", "stage2_steps=4", "batch_size=4",
+            "eval_episodes=2", "n_boot=50", "threads=1"]
+    args = ["bench", "learn", "--out", str(tmp_path / "L"), "--json"] + [x for s in sets for x in ("--set", s)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert set(rep["games"]) == {"Freeway", "Breakout"} and rep["config"]["games"] == ["Freeway", "Breakout"]
+    for g, row in rep["games"].items():
+        assert set(row) == {"random", "data", "greedy", "beam"}
+        for k, d in row.items():
+            assert d["ci"][0] <= d["mean"] <= d["ci"][1], (g, k)
+        assert row["random"]["episodes"] == 2 and row["data"]["episodes"] >= 1
+        assert row["greedy"]["frames_mean"] <= 1200
+    for g, w in rep["world_model"].items():
+        assert 0 <= w["token_acc"] <= 1 and 0 <= w["token_acc_copy"] <= 1 and w["tokens"] > 0
+    assert 0 < rep["tokenizer"]["all"]["moving_l1"] <= 1 and 0 < rep["tokenizer"]["all"]["l1"] <= 1
+    assert set(rep["checks"]["beats_random"]) == {"Freeway", "Breakout"}
+    pics = tmp_path / "L" / "pictures"
+    for name in ("report.png", "reconstructions.png", "training_curves.png"):
+        assert (pics / name).stat().st_size > 1000, name
+    con = Console(file=io.StringIO(), width=100)
+    render_report(rep, con)
+    text = con.file.getvalue()
+    assert "Freeway" in text and "world model" in text and max(len(ln) for ln in text.splitlines()) <= 100
+    # resume: every stage finds its output; the returns are the same numbers
+    r2 = CliRunner().invoke(main, args)
+    assert r2.exit_code == 0, r2.output
+    rep2 = json.loads(r2.stdout)
+    assert rep2["games"] == rep["games"] and rep2["world_model"] == rep["world_model"]
+    assert rep2["seconds"]["pretrain"] < rep["seconds"]["pretrain"] + 5
