@@ -113,17 +113,24 @@ class Controller:
 
 
 class BreakoutTracker(Controller):
-    """Keeps the paddle under the ball; FIRE launches a new ball, and is also what it presses while the paddle is
-    under the ball (FIRE does nothing then), so that launching is the data's most common action whenever moving
-    is not needed. RAM: ball x 99, ball y 101, paddle x 72."""
+    """Keeps the paddle under the falling ball. FIRE launches a new ball, and is also what it presses whenever no
+    move is needed (the paddle is under the ball, or the ball is rising within 30 pixels of it; FIRE does nothing
+    then), so that launching is the data's most common action. RAM: ball x 99, ball y 101, paddle x 72."""
 
     rom = "breakout"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._ball_y = 0  # the ball's height one step ago: rising or falling
+
     def choose(self, ram: np.ndarray, frame: int) -> str:
         ball_x, ball_y, paddle_x = int(ram[99]), int(ram[101]), int(ram[72])
+        rising, self._ball_y = ball_y < self._ball_y, ball_y
         if ball_x == 0 or ball_y == 0:  # no ball in play
             return "FIRE"
         d = ball_x - paddle_x - 8  # 8: ball x minus paddle x when the ball is over the paddle's middle
+        if rising and abs(d) < 30:
+            return "FIRE"
         return "RIGHT" if d > 4 else "LEFT" if d < -4 else "FIRE"
 
 

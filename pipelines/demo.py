@@ -59,24 +59,16 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, console=None) -> di
 def finetune_stage(cfg: DemoConfig, paths: LearnPaths) -> dict[str, Any]:
     """Record the held-out game with the same behaviour policy, fine-tune the pretrained model on it (its own task
     id and action mask), evaluate it beside random play under the same protocol."""
-    import shutil
-
     import numpy as np
 
     from jowa_data.manifest import load_manifests
-    from jowa_data.record import record
     from pipelines.evaluate import EvalConfig, evaluate
     from pipelines.finetune import finetune, finetune_preset
+    from pipelines.learn import record_run
 
     learn = cfg.learn
     m = load_manifests().get(cfg.finetune_game)
-    done = paths.replay / m.name / "1" / ".complete"
-    if not done.exists():
-        shutil.rmtree(paths.replay / m.name / "1", ignore_errors=True)
-        record(m, paths.replay, "1", cfg.finetune_transitions + learn.max_frames // 4, policy=learn.policy,
-               seed=learn.seed * 1000 + 77, capacity=learn.capacity, max_episode_steps=max(1, learn.max_frames // 4),
-               keep_frames=False, progress=True, compresslevel=1)
-        atomic_write_json(done, {"steps": cfg.finetune_transitions})
+    record_run(learn, paths, m, "1", cfg.finetune_transitions + learn.max_frames // 4, learn.seed * 1000 + 77)
     fcfg = apply_overrides(finetune_preset("tiny"), {
         "game": m.name, "tokenizer": str(paths.tokenizer), "steps": cfg.finetune_steps, "seed": learn.seed,
         "data": {"replay_root": str(paths.replay), "checkpoints": [0, 10_000],

@@ -49,7 +49,7 @@ class LearnConfig:
     max_frames: int = 10_000  # emulator frames per episode, recorded and evaluated (Freeway's game: 8,192)
     tokenizer_steps: int = 3_000  # tiny tokenizer steps (batch 64)
     stage1_steps: int = 2_000  # world-loss steps (M1)
-    stage2_steps: int = 4_000  # joint-loss steps (M2)
+    stage2_steps: int = 3_000  # joint-loss steps (M2)
     batch_size: int = 32  # segments per step
     eval_episodes: int = 8  # episodes per game and player (paper: 16)
     planners: tuple[str, ...] = ("greedy", "beam")  # model players; random play is always evaluated
@@ -143,24 +143,26 @@ class LearnPaths:
         self.pictures = self.root / "pictures"
 
 
-def record_data(cfg: LearnConfig, paths: LearnPaths, registry, games: list, console=None) -> dict[str, Any]:
-    """Run 1 (training) and run 2 (held-out) of every game with the behaviour policy; skipped when recorded."""
+def record_run(cfg: LearnConfig, paths: LearnPaths, manifest, run: str, steps: int, seed: int) -> dict[str, Any]:
+    """One recording with the behaviour policy, episodes cut at the frame cap; skipped when already complete (a
+    `.complete` marker is written last, so a killed recording is redone)."""
     from jowa_data.record import record
 
-    out = {}
-    max_steps = max(1, cfg.max_frames // 4)
+    done = paths.replay / manifest.name / run / ".complete"
+    if not done.exists():
+        shutil.rmtree(paths.replay / manifest.name / run, ignore_errors=True)
+        r = record(manifest, paths.replay, run, steps, policy=cfg.policy, seed=seed, capacity=cfg.capacity,
+                   max_episode_steps=max(1, cfg.max_frames // 4), keep_frames=False, progress=True, compresslevel=1)
+        atomic_write_json(done, {"steps": steps, "episodes": r.num_episodes, "policy": cfg.policy,
+                                 "seconds": round(r.seconds, 1)})
+    return json.loads(done.read_text())
+
+
+def record_data(cfg: LearnConfig, paths: LearnPaths, games: list) -> dict[str, Any]:
+    """Run 1 (training) and run 2 (held-out) of every game with the behaviour policy."""
     todo = [(m, "1", cfg.record_steps) for m in games] + [(m, "2", cfg.heldout_steps) for m in games]
-    for i, (m, run, steps) in enumerate(todo):
-        done = paths.replay / m.name / run / ".complete"
-        if not done.exists():
-            shutil.rmtree(paths.replay / m.name / run, ignore_errors=True)
-            r = record(m, paths.replay, run, steps, policy=cfg.policy, seed=cfg.seed * 1000 + i,
-                       capacity=cfg.capacity, max_episode_steps=max_steps, keep_frames=False, progress=True,
-                       compresslevel=1)
-            atomic_write_json(done, {"steps": steps, "episodes": r.num_episodes, "policy": cfg.policy,
-                                     "seconds": round(r.seconds, 1)})
-        out[f"{m.name}/{run}"] = json.loads(done.read_text())
-    return out
+    return {f"{m.name}/{run}": record_run(cfg, paths, m, run, steps, cfg.seed * 1000 + i)
+            for i, (m, run, steps) in enumerate(todo)}
 
 
 def build_data(cfg: LearnConfig, paths: LearnPaths, games: list) -> dict[str, Any]:
@@ -243,7 +245,7 @@ def run_learn(out: str | Path, cfg: LearnConfig | None = None, console=None,
         console.print(f"[green]{name}[/] done in {report['seconds'][name]} s")
         return res
 
-    report["record"] = stage("record", lambda: record_data(cfg, paths, registry, games, console))
+    report["record"] = stage("record", lambda: record_data(cfg, paths, games))
     stage("tokenizer", lambda: train_tokenizer_stage(cfg, paths, games))
     report["build"] = stage("build", lambda: build_data(cfg, paths, games))
     report["pretrain"] = stage("pretrain", lambda: pretrain_stage(cfg, paths))
@@ -383,17 +385,10 @@ def transfer_stage(cfg: LearnConfig, paths: LearnPaths, registry) -> dict[str, A
     the same architecture from scratch on the same transitions for the same steps; evaluate both the same way."""
     from jowa_model.checkpoint import save_world_action
     from jowa_model.world_action import WorldActionModel
-    from jowa_data.record import record
     from pipelines.finetune import FinetuneDataConfig, build_finetune_dataset, finetune, finetune_preset
 
     m = registry.get(cfg.transfer_game)
-    done = paths.replay / m.name / "1" / ".complete"
-    if not done.exists():
-        shutil.rmtree(paths.replay / m.name / "1", ignore_errors=True)
-        record(m, paths.replay, "1", cfg.transfer_transitions + cfg.max_frames // 4, policy=cfg.policy,
-               seed=cfg.seed * 1000 + 99, capacity=cfg.capacity, max_episode_steps=max(1, cfg.max_frames // 4),
-               keep_frames=False, progress=True, compresslevel=1)
-        atomic_write_json(done, {"steps": cfg.transfer_transitions})
+    record_run(cfg, paths, m, "1", cfg.transfer_transitions + cfg.max_frames // 4, cfg.seed * 1000 + 99)
     data = build_finetune_dataset(m, paths.replay, paths.tokenizer, paths.root / "transfer" / "data",
                                   FinetuneDataConfig(transitions=cfg.transfer_transitions, checkpoints=(0, 10_000)))
     pre = sorted((paths.pretrain / "ckpt").glob("step_*.pt"))[-1]
