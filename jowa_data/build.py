@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,10 @@ import numpy as np
 
 from jowa_data.backends import TaskArrays, get_backend
 from jowa_data.errors import ConfigError, DatasetError, ReplayFormatError
-from jowa_data.io import atomic_path, atomic_write_json, sha256_bytes, sha256_file
+from jowa_data.io import (LOCK_NAME, atomic_path, atomic_write_json, folder_lock, remove_stale_temps, sha256_bytes,
+                          sha256_file)
 from jowa_data.layout import (EPISODES, FILES, FORMAT_VERSION, FORMATS, INFO, PLAN, STATS, TASKS_DIR,
-                              TMP_DIR, TOKENS_PER_FRAME, VOCAB_SIZE, DatasetInfo, task_key)
+                              TMP_DIR, TOKENS_PER_FRAME, VOCAB_SIZE, DatasetInfo, read_info, task_key)
 from jowa_data.manifest import GameManifest
 
 SCHEDULERS = ("synchronous", "processes", "threads")  # or a distributed address tcp://HOST:PORT
@@ -51,6 +53,7 @@ class BuildConfig:
     transitions: int | None = None  # target transitions per game override (fine-tuning: 5000)
     selection: Any = None  # subsample.SubsampleOptions (runs, num_runs, checkpoints, ...); None = manifests'
     progress: bool = True  # tqdm bar on stderr (frames/s, ETA)
+    verify: str = "size"  # on a finished dataset: off | size (every file there, its size) | full (+ sha256)
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in info.json["source"] as given
 
 
@@ -343,6 +346,9 @@ def build_dataset(manifests: Sequence[GameManifest], replay_root: str | Path, to
         raise ConfigError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
     if cfg.task_transitions < 1:
         raise ConfigError(f"task_transitions must be >= 1, got {cfg.task_transitions}")
+    from jowa_data.integrity import check_mode
+
+    check_mode(cfg.verify)
     out = Path(out_dir)
     tok_path = Path(tokenizer_path)
     if not tok_path.is_file():
@@ -361,15 +367,56 @@ def build_dataset(manifests: Sequence[GameManifest], replay_root: str | Path, to
         if (out / PLAN).read_bytes() != plan_bytes:
             raise DatasetError(f"{out / PLAN}: this folder holds a different build (other games, selection, "
                                "tokenizer, formats or replay); use a new --out folder or delete this one")
-        if (out / INFO).is_file():
-            return {"out": str(out), "status": "already built", "tasks": len(plan["tasks"]), "built_tasks": 0,
-                    "rows": 0, "read_s": 0.0, "tokenize_s": 0.0, "write_s": 0.0, "index_s": t_index}
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise DatasetError(f"{out}: folder exists and is not a jowa build (no {PLAN}); choose an empty --out")
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "jowa-data build"):
+        return _build_locked(out, plan, plan_bytes, index, index_meta, manifests, tok_path, cfg, t_index)
+
+
+def remove_build_leftovers(out: Path) -> list[Path]:
+    """Delete what a killed build left behind: atomic-write temp files (`.NAME.XXXX.tmp*`: a tar, a task record,
+    files.json, episodes.parquet, ...) and the scratch folder of running tasks. Only under the build lock."""
+    gone = remove_stale_temps(out)
+    if (out / TMP_DIR).exists():
+        shutil.rmtree(out / TMP_DIR, ignore_errors=True)
+        gone.append(out / TMP_DIR)
+    return gone
+
+
+def _damaged_tasks(out: Path, cfg: BuildConfig) -> dict[str, list[str]]:
+    """Tasks of a finished dataset whose files are not as its files.json says (`cfg.verify` decides how deep)."""
+    from jowa_data.integrity import verify_dataset
+
+    try:
+        return verify_dataset(out, cfg.verify)
+    except DatasetError as e:  # files.json itself unusable: every task is rebuilt
+        info = read_info(out)
+        return {k: [str(e)] for g in info.game_names for k in info.games[g]["tasks"]}
+
+
+def _build_locked(out: Path, plan: dict, plan_bytes: bytes, index, index_meta: dict,
+                  manifests: Sequence[GameManifest], tok_path: Path, cfg: BuildConfig, t_index: float) -> dict:
+    remove_build_leftovers(out)
+    repaired: list[str] = []
+    if (out / INFO).is_file():
+        damaged = _damaged_tasks(out, cfg)
+        if not damaged:
+            return {"out": str(out), "status": "already built", "tasks": len(plan["tasks"]), "built_tasks": 0,
+                    "rows": 0, "read_s": 0.0, "tokenize_s": 0.0, "write_s": 0.0, "index_s": t_index,
+                    "verified": cfg.verify}
+        # Repair: the dataset stops looking finished, then only the damaged tasks are built again.
+        (out / INFO).unlink()
+        by_key = {t["key"]: t for t in plan["tasks"]}
+        for key, problems in sorted(damaged.items()):
+            if cfg.progress:
+                print(f"repairing task {key}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1
+                                                                else ""), file=sys.stderr)
+            task_record_path(out, key).unlink(missing_ok=True)
+            for fmt in plan["formats"]:
+                get_backend(fmt).remove_task(out, by_key[key]["game"], key)
+            repaired.append(key)
     with atomic_path(out / PLAN) as tmp:
         tmp.write_bytes(plan_bytes)
-    shutil.rmtree(out / TMP_DIR, ignore_errors=True)
     (out / TASKS_DIR).mkdir(exist_ok=True)
     if "zarr" in plan["formats"]:
         from jowa_data.backends.zarr_backend import ensure_groups
@@ -393,8 +440,8 @@ def build_dataset(manifests: Sequence[GameManifest], replay_root: str | Path, to
     wall = time.perf_counter() - t_run
     t_fin = time.perf_counter()
     _finalise(out, plan, index, index_meta, manifests, cfg)
-    return {"out": str(out), "status": "built", "tasks": len(plan["tasks"]), "built_tasks": len(pending),
-            "index_s": t_index, "run_s": wall, "finalise_s": time.perf_counter() - t_fin,
+    return {"out": str(out), "status": "repaired" if repaired else "built", "repaired": repaired,
+            "tasks": len(plan["tasks"]), "built_tasks": len(pending), "index_s": t_index, "run_s": wall, "finalise_s": time.perf_counter() - t_fin,
             "frames_per_s": timings["rows"] / wall if wall > 0 else 0.0, **timings}
 
 
@@ -470,8 +517,11 @@ def dataset_stats(dataset_dir: str | Path) -> dict[str, Any]:
     bytes on disk per frame and shard/file counts per format, plus provenance from info.json."""
     from jowa_data.layout import read_info
 
+    from jowa_data.integrity import require_intact
+
     d = Path(dataset_dir)
     info = read_info(d)
+    require_intact(d, "full", info=info)  # numbers about files that are not the build's would mislead
     p = d / STATS
     try:
         stats = json.loads(p.read_text(encoding="utf-8"))

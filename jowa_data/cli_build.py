@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -36,12 +37,16 @@ from jowa_data.errors import ConfigError, DatasetError
 @click.option("--checkpoints", help="Inclusive checkpoint range A-B. Default: the manifest's.")
 @click.option("--include-incomplete", is_flag=True, help="Also take episodes that end without a terminal.")
 @click.option("--allow-fewer-runs", is_flag=True, help="Use the runs that exist if fewer than --num-runs do.")
+@click.option("--verify", type=click.Choice(["off", "size", "full"]), default="size", show_default=True,
+              help="On a finished dataset: check every data file (size; full = also sha256) and rebuild only "
+                   "the damaged tasks.")
 @manifests_option
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
 def build_cmd(games, replay_root, tokenizer, out, fmt, scheduler, workers, task_transitions, encode_batch, device,
               precision, seed, fraction, transitions, runs, num_runs, checkpoints, include_incomplete,
-              allow_fewer_runs, manifest_dirs, as_json) -> None:
-    """Subsample, tokenize and write token shards (resumable: rerun the same command after a kill)."""
+              allow_fewer_runs, verify, manifest_dirs, as_json) -> None:
+    """Subsample, tokenize and write token shards (resumable: rerun the same command after a kill; on a
+    finished dataset it verifies the files and repairs damaged tasks)."""
     from jowa_data.build import BuildConfig, build_dataset
     from jowa_data.subsample import SubsampleOptions
 
@@ -55,14 +60,19 @@ def build_cmd(games, replay_root, tokenizer, out, fmt, scheduler, workers, task_
     cfg = BuildConfig(formats=("zarr", "wds") if fmt == "both" else (fmt,), scheduler=scheduler, workers=workers,
                       task_transitions=task_transitions, encode_batch=encode_batch, device=device,
                       precision=precision, seed=seed, fraction=fraction, transitions=transitions, selection=sel,
-                      progress=not as_json)
+                      progress=not as_json, verify=verify)
     summary = build_dataset(manifests, replay_root, tokenizer, out, cfg)
     if as_json:
         echo_json(summary)
         return
     if summary["status"] == "already built":
-        stdout_console().print(f"{out}: already built ({summary['tasks']} tasks); nothing to do")
+        checked = {"off": "not verified", "size": "every file present with its size",
+                   "full": "every file's sha256 checked"}[summary["verified"]]
+        stdout_console().print(f"{out}: already built ({summary['tasks']} tasks; {checked}); nothing to do")
         return
+    if summary["repaired"]:
+        stdout_console().print(f"{out}: repaired {len(summary['repaired'])} damaged task(s): "
+                               f"{', '.join(summary['repaired'])}")
     stdout_console().print(
         f"{out}: built {summary['built_tasks']} of {summary['tasks']} tasks, {summary['rows']} frames in "
         f"{summary['run_s']:.1f} s ({summary['frames_per_s']:.0f} frames/s; read {summary['read_s']:.1f} s, "
@@ -72,12 +82,21 @@ def build_cmd(games, replay_root, tokenizer, out, fmt, scheduler, workers, task_
 @click.command("validate")
 @click.argument("path", type=click.Path(file_okay=False))
 @click.option("--no-checksums", is_flag=True, help="Skip sha256 of every file (decode checks still run).")
+@click.option("--no-observations", is_flag=True,
+              help="Replay root: skip decoding the large observation files (headers of the rest still checked).")
+@manifests_option
 @click.option("--json", "as_json", is_flag=True, help="Print {path, ok, problems} as JSON.")
-def validate_cmd(path: str, no_checksums: bool, as_json: bool) -> None:
-    """Check a built dataset; report every problem found. Exit 1 if any."""
+def validate_cmd(path: str, no_checksums: bool, no_observations: bool, manifest_dirs, as_json: bool) -> None:
+    """Check a built dataset or a DQN-Replay root; report every problem found, each with its file. Exit 1 if any."""
+    from jowa_data.layout import INFO, PLAN
     from jowa_data.validate import validate_dataset
+    from jowa_data.validate_replay import is_replay_root, validate_replay_root
 
-    problems = validate_dataset(path, checksums=not no_checksums)
+    p = Path(path)
+    if not (p / INFO).is_file() and not (p / PLAN).is_file() and is_replay_root(path):
+        problems = validate_replay_root(path, load_registry(manifest_dirs), observations=not no_observations)
+    else:
+        problems = validate_dataset(path, checksums=not no_checksums)
     if as_json:
         echo_json({"path": path, "ok": not problems, "problems": problems})
     else:
@@ -85,7 +104,7 @@ def validate_cmd(path: str, no_checksums: bool, as_json: bool) -> None:
         for p in problems:
             con.print(f"[red]✗[/] {p}", highlight=False, markup=True)
         if not problems:
-            con.print(f"[green]✓[/] {path}: dataset is valid")
+            con.print(f"[green]✓[/] {path}: {'replay root' if is_replay_root(path) else 'dataset'} is valid")
     if problems:
         if not as_json:
             stderr_console().print(f"{len(problems)} problem(s) found in {path}")

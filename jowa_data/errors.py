@@ -30,3 +30,7 @@ class ConfigError(JowaError):
 
 class CheckpointError(JowaError):
     """A checkpoint is missing, corrupt, or does not match the requested configuration."""
+
+
+class LockedError(JowaError):
+    """An output folder is held by another running jowa process."""

@@ -61,9 +61,11 @@ def atomic_path(path: PathLike, suffix: str = "") -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name the one we wrote
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
 
 
@@ -101,7 +103,15 @@ def safe_torch_load(path: PathLike, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for corrupt/unsafe files
-        raise CheckpointError(f"{path}: cannot load checkpoint safely ({type(e).__name__}: {e})") from e
+        text = str(e)
+        if "Weights only load failed" in text or "weights_only" in text:
+            # torch's message is a page long; the first line that names what was refused is enough.
+            what = next((ln.strip() for ln in text.splitlines() if "Unsupported" in ln or "global" in ln.lower()),
+                        "")
+            raise CheckpointError(f"{path}: contains pickled objects that are not plain weights"
+                                  + (f" ({what[:160]})" if what else "") + "; jowa loads weights only") from e
+        first = text.strip().splitlines()[0][:200] if text.strip() else ""
+        raise CheckpointError(f"{path}: cannot load checkpoint safely ({type(e).__name__}: {first})") from e
 
 
 def safe_np_load(path_or_file: Any) -> np.ndarray:
@@ -123,3 +133,59 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+LOCK_NAME = ".jowa.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: PathLike, what: str, wait: bool = False) -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` (an flock on `folder/.jowa.lock`, which records the holder's pid).
+
+    Why flock: the kernel drops it when the holder dies, so a lock left by a killed process is simply taken
+    over, never stale. `wait=False` (builds, training, evaluation into one folder): a second process gets a
+    one-line error naming the folder and the holder's pid. `wait=True` (a token cache that several ranks
+    may make at once): wait for the holder, who will have made it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with lock_file(folder / LOCK_NAME, folder, what, wait) as p:
+        yield p
+
+
+@contextlib.contextmanager
+def lock_file(path: PathLike, guarded: PathLike, what: str, wait: bool = False) -> Iterator[Path]:
+    """The flock behind `folder_lock`, on any lock file (`guarded` is what the error message names)."""
+    import fcntl
+
+    from jowa_data.errors import LockedError
+
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise LockedError(f"{guarded}: in use by another {what} (pid {holder}); "
+                              "wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def remove_stale_temps(folder: PathLike, recursive: bool = True, skip: tuple[str, ...] = ("_cache",)) -> list[Path]:
+    """Delete the temp files `atomic_path` names `.NAME.XXXX.tmp[SUFFIX]` that a killed writer left in `folder`
+    (never a finished file: those only appear by rename). Call it holding the folder's lock. `skip`: subfolders
+    owned by other locks (the token cache)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    gone = []
+    for p in (folder.rglob(".*.tmp*") if recursive else folder.glob(".*.tmp*")):
+        if p.is_file() and not any(part in skip for part in p.relative_to(folder).parts):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone

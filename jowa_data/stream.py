@@ -34,7 +34,7 @@ from jowa_data.errors import ConfigError, DatasetError
 from jowa_data.io import atomic_path, atomic_write_json
 from jowa_data.layout import EPISODES, PLAN, TOKENS_PER_FRAME, DatasetInfo, read_info
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: made only from verified files and tied to their checksums (v1 caches are rebuilt)
 CACHE_FIELDS = ("tokens", "actions", "rewards", "terminals")
 
 
@@ -101,8 +101,10 @@ def default_cache_dir(dataset_dir: Path, backend: str) -> Path:
 
 def build_cache(dataset_dir: str | Path, backend: str = "zarr", cache_dir: str | Path | None = None,
                 progress: bool = False) -> Path:
-    """Decode every task of `backend` into flat .npy files (atomic; identical if several ranks race)."""
+    """Verify every data file of `backend` against files.json (sha256), then decode every task into flat .npy
+    files. Each file is published atomically and meta.json last; the caller holds the cache lock."""
     from jowa_data.backends import get_backend
+    from jowa_data.integrity import read_files, stat_digest, verify_dataset, damage_error
 
     d = Path(dataset_dir)
     info = read_info(d)
@@ -110,14 +112,20 @@ def build_cache(dataset_dir: str | Path, backend: str = "zarr", cache_dir: str |
         raise DatasetError(f"{d / 'info.json'}: dataset has no '{backend}' data (formats: {info.formats})")
     cdir = Path(cache_dir) if cache_dir else default_cache_dir(d, backend)
     cdir.mkdir(parents=True, exist_ok=True)
+    (cdir / "meta.json").unlink(missing_ok=True)  # from here on the cache is not fresh until it is complete
+    files = read_files(d, info)
+    digest = stat_digest(d, files, [backend])
     be = get_backend(backend)
     n = info.total_transitions
     tasks = [(g, k) for g in info.game_names for k in info.games[g]["tasks"]]
-    it = tasks
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(tasks, desc=f"decode {backend} -> cache", unit="task", leave=False)
+        bar = tqdm(total=2 * len(tasks), desc=f"verify + decode {backend} -> cache", unit="task", leave=False)
+    damaged = verify_dataset(d, "full", [backend], info, progress=bar.update if bar else None)
+    if damaged:
+        raise damage_error(d, damaged)
     # Tokens/actions/terminals go straight into memory-mapped temp files (bounded RAM at paper scale);
     # rewards (4 B/row) are kept in RAM to decide their dtype: exact small integers in DQN-Replay (clipped
     # to -1/0/1) are stored as int8.
@@ -130,7 +138,7 @@ def build_cache(dataset_dir: str | Path, backend: str = "zarr", cache_dir: str |
         mm = {f: np.lib.format.open_memmap(tmps[f], mode="w+", dtype=dtypes[f], shape=shapes[f]) for f in shapes}
         rewards = np.empty(n, np.float32)
         i = 0
-        for g, k in it:
+        for g, k in tasks:
             a = be.read_task(d, g, k)
             m = len(a)
             if i + m > n:
@@ -139,6 +147,8 @@ def build_cache(dataset_dir: str | Path, backend: str = "zarr", cache_dir: str |
                 mm[f][i:i + m] = getattr(a, f)
             rewards[i:i + m] = a.rewards
             i += m
+            if bar:
+                bar.update(1)
         if i != n:
             raise DatasetError(f"{d}: the {backend} data holds {i} transitions, info.json says {n}")
         for f in shapes:
@@ -147,28 +157,51 @@ def build_cache(dataset_dir: str | Path, backend: str = "zarr", cache_dir: str |
         if np.array_equal(rewards, np.round(rewards)) and (n == 0 or (rewards.min() >= -128 and rewards.max() <= 127)):
             rewards = rewards.astype(np.int8)
         np.save(tmps["rewards"], rewards, allow_pickle=False)
-    atomic_write_json(cdir / "meta.json", {"cache_version": CACHE_VERSION, "plan_checksum": info.plan_checksum,
-                                           "backend": backend, "transitions": n})
+    if bar:
+        bar.close()
+    if stat_digest(d, files, [backend]) != digest:
+        raise DatasetError(f"{d}: data files changed while the token cache was made; run again")
+    atomic_write_json(cdir / "meta.json", _cache_meta(info, backend, digest))
     return cdir
+
+
+def _cache_meta(info: DatasetInfo, backend: str, digest: str) -> dict[str, Any]:
+    """What a cache was made from: the build (plan), the content (files.json's sha256, which holds every data
+    file's sha256) and the files' sizes and mtimes at that moment (a cheap test that they are unchanged)."""
+    return {"cache_version": CACHE_VERSION, "plan_checksum": info.plan_checksum, "backend": backend,
+            "transitions": info.total_transitions, "files_checksum": info.files_checksum, "files_stat": digest}
+
+
+def _cache_fresh(d: Path, info: DatasetInfo, backend: str, cdir: Path) -> bool:
+    from jowa_data.integrity import read_files, stat_digest
+
+    meta_p = cdir / "meta.json"
+    if not meta_p.is_file():
+        return False
+    try:
+        meta = json.loads(meta_p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    digest = stat_digest(d, read_files(d, info), [backend])
+    return meta == _cache_meta(info, backend, digest)
 
 
 def load_cache(dataset_dir: str | Path, backend: str = "zarr", cache_dir: str | Path | None = None,
                progress: bool = False) -> TokenCache:
-    """Memory-map the flat cache of `dataset_dir`, building it first if missing or stale."""
+    """Memory-map the flat cache of `dataset_dir`. It is (re)made, under a lock that other ranks wait on, when
+    missing, of another version, or when the dataset's files changed since it was made; making it verifies
+    every data file's sha256, so a damaged dataset is refused with the file named, never decoded into zeros."""
+    from jowa_data.io import folder_lock
+
     d = Path(dataset_dir)
     info = read_info(d)
+    if backend not in info.formats:
+        raise DatasetError(f"{d / 'info.json'}: dataset has no '{backend}' data (formats: {info.formats})")
     cdir = Path(cache_dir) if cache_dir else default_cache_dir(d, backend)
-    meta_p = cdir / "meta.json"
-    fresh = False
-    if meta_p.is_file():
-        try:
-            meta = json.loads(meta_p.read_text())
-            fresh = meta.get("plan_checksum") == info.plan_checksum and meta.get("cache_version") == CACHE_VERSION \
-                and meta.get("transitions") == info.total_transitions
-        except json.JSONDecodeError:
-            fresh = False
-    if not fresh:
-        build_cache(d, backend, cdir, progress=progress)
+    if not _cache_fresh(d, info, backend, cdir):
+        with folder_lock(cdir, "token cache", wait=True):
+            if not _cache_fresh(d, info, backend, cdir):  # another rank may have made it while we waited
+                build_cache(d, backend, cdir, progress=progress)
     arrs = {}
     for f in CACHE_FIELDS:
         p = cdir / f"{f}.npy"

@@ -8,6 +8,7 @@ is not used (experimental in v3 and not auto-updated): readers open arrays by pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,6 +38,17 @@ def ensure_groups(dataset_dir: Path, games: list[str]) -> None:
             atomic_write_bytes(p / "zarr.json", _group_json())
 
 
+@contextlib.contextmanager
+def _names_failed_writes(path: Path):
+    """A full disk inside zarr's store raises an OSError without a file name: name the task folder."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+
+
 class ZarrBackend:
     name = "zarr"
 
@@ -50,7 +62,7 @@ class ZarrBackend:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         n = len(arrays)
         # A synchronous, single-threaded write: dask workers already run in parallel.
-        with zarr.config.set({"async.concurrency": 4, "threading.max_workers": 1}):
+        with zarr.config.set({"async.concurrency": 4, "threading.max_workers": 1}), _names_failed_writes(tmp):
             g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
             for name, data in arrays.as_dict().items():
                 shape = (n, TOKENS_PER_FRAME) if name == "tokens" else (n,)
@@ -74,6 +86,9 @@ class ZarrBackend:
         return sorted(str(p.relative_to(root)) for p in d.rglob("*") if p.is_file())
 
     def read_task(self, dataset_dir: Path, game: str, key: str) -> TaskArrays:
+        """Decode one task. zarr reads a shard file that is not there as its fill value (zeros), so readers of a
+        built dataset first check its files against files.json (`jowa_data.integrity`): a shard the build
+        wrote is listed there; one it did not write was all zeros and skipped by zarr."""
         import zarr
 
         d = zarr_task_dir(dataset_dir, game, key)

@@ -31,9 +31,9 @@ def build_args(replay: Path, tok: Path, out: Path, *extra: str) -> list[str]:
 
 
 def tree_bytes(d: Path) -> dict[str, bytes]:
-    """Every file of a dataset (the stream's _cache excluded), relative path -> bytes."""
+    """Every file of a dataset (the stream's _cache and the folder lock, which holds a pid, excluded)."""
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
-            if p.is_file() and "_cache" not in p.relative_to(d).parts}
+            if p.is_file() and "_cache" not in p.relative_to(d).parts and p.name != ".jowa.lock"}
 
 
 @pytest.fixture(scope="module")

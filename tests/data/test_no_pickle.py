@@ -60,8 +60,26 @@ def test_validate_refuses_and_nothing_runs(poisoned):
     assert not marker.exists()
 
 
+def forge_checksums(d: Path, tar: Path) -> None:
+    """What an attacker who also rewrites the metadata does: files.json and info.json made to match the tar."""
+    from jowa_data.io import sha256_bytes, sha256_file
+
+    files = json.loads((d / "files.json").read_text())
+    files[str(tar.relative_to(d))] = {"bytes": tar.stat().st_size, "sha256": sha256_file(tar)}
+    raw = (json.dumps(files, indent=1, sort_keys=True) + "\n").encode()
+    (d / "files.json").write_bytes(raw)
+    info = json.loads((d / "info.json").read_text())
+    info["files_checksum"] = sha256_bytes(raw)
+    (d / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
 def test_stream_and_training_refuse_and_nothing_runs(poisoned, tmp_path):
     d, tar, marker, ext = poisoned
+    # The planted member changed the tar: the checksum check refuses it before any byte is decoded.
+    with pytest.raises(DatasetError, match=rf"{tar.name}: sha256 differs from files\.json"):
+        SegmentStream(d, batch_size=2, rank=0, world_size=1, backend="wds", cache_dir=tmp_path / "cache")
+    # With forged checksums the tar reaches the decoder, which refuses the member without decoding it.
+    forge_checksums(d, tar)
     with pytest.raises(DatasetError, match=rf"{tar.name}.*evil\.{ext}.*not a jowa member"):
         SegmentStream(d, batch_size=2, rank=0, world_size=1, backend="wds", cache_dir=tmp_path / "cache")
     r = CliRunner().invoke(cli, ["train", "tiny", "--data", str(d), "--out", str(tmp_path / "run"),
