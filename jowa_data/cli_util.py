@@ -6,6 +6,7 @@ without a traceback; `--debug` (or JOWA_DEBUG=1) shows the traceback. Usage erro
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -16,16 +17,36 @@ import click
 from jowa_data.errors import JowaError
 
 
+# What the file system can refuse us: the user's to fix (free space, permissions), not a bug to trace back.
+USER_OS_ERRORS = frozenset([errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG,
+                            errno.EMFILE, errno.ENAMETOOLONG])
+
+
+def os_error_line(e: OSError) -> str:
+    """'PATH: No space left on device (ENOSPC)': the path first, as every jowa error."""
+    where = e.filename if e.filename is not None else "?"
+    name = errno.errorcode.get(e.errno or 0, "")
+    return f"{where}: {e.strerror or e}" + (f" ({name})" if name else "") + \
+        "; nothing finished was lost: free the space or fix the permission, then run the same command again"
+
+
 class JowaGroup(click.Group):
-    """A click group that turns `JowaError` into a one-line message and exit status 1."""
+    """A click group that turns `JowaError`, and a full disk or a refused permission, into a one-line message and
+    exit status 1 (every write is atomic, so a rerun resumes from what was finished)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        debug = ctx.meta.get("jowa_debug") or os.environ.get("JOWA_DEBUG") == "1"
         try:
             return super().invoke(ctx)
         except JowaError as e:
-            if ctx.meta.get("jowa_debug") or os.environ.get("JOWA_DEBUG") == "1":
+            if debug:
                 raise
             click.echo(f"Error: {e}", err=True)
+            ctx.exit(1)
+        except OSError as e:
+            if debug or e.errno not in USER_OS_ERRORS:
+                raise
+            click.echo(f"Error: {os_error_line(e)}", err=True)
             ctx.exit(1)
 
 

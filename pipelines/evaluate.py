@@ -411,8 +411,23 @@ def check_tokenizer_fits(tok, model, ident: dict[str, Any]) -> None:
 def evaluate(checkpoint_or_model, tokenizer, games: Sequence[str | GameManifest], cfg: EvalConfig | None = None,
              out: str | Path | None = None, progress: bool = False, resume: bool = True) -> dict[str, Any]:
     """Evaluate a world-action model (checkpoint path or model) on `games` (names, manifest paths, split names
-    or manifests); with `cfg.planner` random or heuristic, a baseline without a model (pass None for both). Returns the raw-score document; with `out`, also writes it atomically after every game.
+    or manifests); with `cfg.planner` random or heuristic, a baseline without a model (pass None for both).
+    Returns the raw-score document; with `out`, also writes it atomically after every game.
     With `resume`, games already in `out` for the same checkpoint, tokenizer and settings are kept."""
+    if out is None:
+        return _evaluate(checkpoint_or_model, tokenizer, games, cfg, None, progress, resume)
+    from jowa_data.io import lock_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file(out.parent / f".{out.name}.lock", out, "jowa eval"):  # one writer per score file
+        for p in out.parent.glob(f".{out.name}.*.tmp*"):  # the score file half-written by a killed run
+            p.unlink(missing_ok=True)
+        return _evaluate(checkpoint_or_model, tokenizer, games, cfg, out, progress, resume)
+
+
+def _evaluate(checkpoint_or_model, tokenizer, games: Sequence[str | GameManifest], cfg: EvalConfig | None,
+              out: Path | None, progress: bool, resume: bool) -> dict[str, Any]:
     from jowa_data.manifest import load_manifests
     from pipelines.dist import pick_device
 

@@ -381,6 +381,15 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Path, stop_
 
     `stop_after` ends the run at that step (after checkpointing), e.g. to test resume.
     """
+    from jowa_data.io import folder_lock, remove_stale_temps
+
+    with folder_lock(out, "jowa finetune"):
+        remove_stale_temps(out)
+        return _finetune(cfg, checkpoint, out, stop_after, on_eval, progress)
+
+
+def _finetune(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Path, stop_after: int | None,
+              on_eval: Callable[[int, EvalResult], None] | None, progress: bool) -> dict[str, Any]:
     from jowa_data.manifest import load_manifests
     from jowa_data.stream import SegmentStream
     from jowa_model.tokenizer import load_tokenizer

@@ -182,9 +182,17 @@ def pretrain(cfg: PretrainConfig, out: str | Path, stop_after: int | None = None
     """
     if not cfg.data.dataset:
         raise ConfigError("data.dataset is not set: give the folder written by `jowa-data build`")
+    import contextlib
+
+    from jowa_data.io import folder_lock, remove_stale_temps
+
     info = init_distributed(cfg.device)
     try:
-        return _pretrain(cfg, RunFiles(out), info, stop_after, on_step)
+        # One training run per folder: the main rank holds the lock (the others write nothing there).
+        with folder_lock(out, "jowa train") if info.is_main else contextlib.nullcontext():
+            if info.is_main:
+                remove_stale_temps(out)  # a checkpoint or metrics file half-written when a run was killed
+            return _pretrain(cfg, RunFiles(out), info, stop_after, on_step)
     finally:
         shutdown(info)
 

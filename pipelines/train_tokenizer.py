@@ -169,6 +169,16 @@ def train_tokenizer(cfg: TokenizerTrainConfig, out: str | Path, *, frames: str |
 
     Returns a summary: steps, first/last logged metrics, frames/s, paths of tokenizer.pt and the last PNG.
     """
+    from jowa_data.io import folder_lock, remove_stale_temps
+
+    with folder_lock(out, "jowa tokenizer train"):
+        remove_stale_temps(out)
+        return _train_tokenizer(cfg, Path(out), frames, index, replay_root, games, resume, progress)
+
+
+def _train_tokenizer(cfg: TokenizerTrainConfig, out: Path, frames: str | Path | None, index: str | Path | None,
+                     replay_root: str | Path | None, games: tuple[str, ...], resume: bool,
+                     progress: bool) -> dict[str, Any]:
     out = Path(out)
     ckpt_path, config_path = out / "checkpoint.pt", out / "config.json"
     metrics_path = out / "metrics.jsonl"

@@ -283,3 +283,35 @@ def test_random_and_heuristic_baselines_need_no_model(tmp_path):
     assert f["returns"][0] >= 1 and f["clipped_returns"] == f["returns"]  # the runner crosses the road
     r = jowa("eval", "--planner", "greedy", "--games", "Pong")
     assert r.exit_code == 2 and "CHECKPOINT and --tokenizer" in r.output
+
+
+@pytest.mark.multiproc
+def test_kill_while_the_score_file_is_written_then_rerun(tmp_path):
+    """SIGKILL while the second game's raw-score file is a complete temp file (not yet renamed): the file on disk
+    still holds the first game; the rerun keeps it, plays the second, removes the temp file, and equals a clean run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    args = ["eval", "--planner", "random", "--games", "Breakout", "Freeway", "--episodes", "2", "--max-frames",
+            "300"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "rnd.json"
+    r = subprocess.run([sys.executable, "-m", "tests.killpoint", r"/\.rnd\.json\.[^/]+\.tmp$", "2", "pipelines.cli",
+                        *args, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=Path(__file__).parents[2])
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    temps = list(tmp_path.glob(".rnd.json.*.tmp"))
+    assert len(temps) == 1 and list(json.loads(out.read_text())["games"]) == ["Breakout"]
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", *args, "--out", str(out), "--json"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["reused"] == ["Breakout"] and not temps[0].exists()
+    clean = jowa("eval", *args[1:], "--out", tmp_path / "clean.json")
+    assert clean.exit_code == 0, clean.output
+    a, b = json.loads(out.read_text())["games"], json.loads((tmp_path / "clean.json").read_text())["games"]
+    assert list(a) == list(b) == ["Breakout", "Freeway"]
+    for g in a:
+        assert [a[g][k] for k in ("returns", "clipped_returns", "frames")] == \
+            [b[g][k] for k in ("returns", "clipped_returns", "frames")]

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -140,21 +139,21 @@ def test_resume_after_sigkill_continues_the_curve_exactly(built_dataset, tmp_pat
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
     assert len(full) == 10
 
-    # the same run, SIGKILLed once it has written the step-6 checkpoint (in stage 2), then rerun as is
+    # the same run, SIGKILLed while its step-6 checkpoint is a complete temp file not yet renamed (the exact
+    # window of a checkpoint write), then rerun as is: it resumes from step 3 and removes the temp file
     run = tmp_path / "killed"
-    p = _run_cli([*base, "--out", str(run)])
-    deadline = time.time() + 300
-    while not (run / "ckpt" / "step_00000006.pt").exists():
-        assert p.poll() is None, p.communicate()[0].decode()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert not list((run / "ckpt").glob("*.tmp*")) or True  # temp files never look like checkpoints
-    assert all(c.name.startswith("step_") and c.suffix == ".pt" for c in (run / "ckpt").glob("step_*"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "tests.killpoint", r"/\.step_00000006\.pt\.[^/]+\.tmp$", "1",
+                        "pipelines.cli", *base, "--out", str(run)], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=Path(__file__).parents[2])
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    temps = list((run / "ckpt").glob(".step_00000006.pt.*.tmp"))
+    assert len(temps) == 1 and not (run / "ckpt" / "step_00000006.pt").exists()
+    assert [c.name for c in (run / "ckpt").glob("step_*")] == ["step_00000003.pt"]
     p = _run_cli([*base, "--out", str(run)])
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out.decode()[-3000:]
+    assert not temps[0].exists()
     resumed = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 11))
     for a, b in zip(full, resumed):
