@@ -81,6 +81,9 @@ def stats_cmd(path: str, step_cap: int, manifest_dirs: tuple[str, ...], as_json:
         echo_json(report)
         return
     print_report(report)
+    if report["kind"] == "replay":
+        click.echo(f"note: stats read the small files only; observation files were not decoded "
+                   f"(`jowa-data validate {path}` decodes and checks every file)", err=True)
     if "dataset" in report:
         from jowa_data import cli_build
 
