@@ -89,16 +89,20 @@ def partial_from_counts(game: str, run: int, action_names: Sequence[str], length
 
 
 def partial_from_episodes(game: str, run: int, action_names: Sequence[str], refs: Sequence[Any],
-                          nbytes: dict[str, int] | None = None) -> PartialStats:
-    """A partial from episode references (anything with actions/rewards/length/ret/complete)."""
+                          nbytes: dict[str, int] | None = None, logs: str | None = None) -> PartialStats:
+    """A partial from episode references (anything with actions/rewards/length/ret/complete); `logs`: the run's
+    replay_logs folder, named in errors (default GAME/RUN/replay_logs)."""
     n = len(action_names)
     counts = np.zeros(n, np.int64)
     rewards = np.zeros(3, np.int64)
     for e in refs:
         a = np.asarray(e.actions, np.int64)
         if a.size and (a.min() < 0 or a.max() >= n):
-            raise DatasetError(f"{game}/{run}: episode {e.episode} has action ids outside [0, {n}) "
-                               f"(min {a.min()}, max {a.max()})")
+            bad = int(np.flatnonzero((a < 0) | (a >= n))[0])
+            ckpt, row = (int(x) for x in getattr(e, "start", (0, 0)))
+            raise DatasetError(f"{logs or f'{game}/{run}/replay_logs'}/$store$_action_ckpt.{ckpt}.gz: episode "
+                               f"{e.episode} (starting at row {row} of that file) has action id {int(a[bad])} at "
+                               f"its step {bad}, outside [0, {n}) (`jowa-data validate ROOT` lists all)")
         counts += np.bincount(a, minlength=n)
         r = np.asarray(e.rewards)
         rewards += ((r < 0).sum(), (r == 0).sum(), (r > 0).sum())
@@ -202,7 +206,7 @@ def replay_partials(root: str | Path, registry: Any = None, progress: bool = Fal
             parts.append(partial_from_episodes(m.name, run, m.actions, [], {"replay": nbytes}))
             continue
         scan = inspect_run(root, game, run, allow_gaps=True)
-        p = partial_from_episodes(m.name, run, m.actions, scan.episodes, {"replay": nbytes})
+        p = partial_from_episodes(m.name, run, m.actions, scan.episodes, {"replay": nbytes}, logs=str(logs))
         p.dropped_rows, p.gaps = scan.dropped_rows, len(scan.gaps)
         parts.append(p)
     return parts

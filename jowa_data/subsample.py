@@ -202,8 +202,11 @@ def episode_row_stats(ref: Any, num_actions: int, where: str) -> tuple[list[int]
     """(minimal-action counts, #rewards<0, ==0, >0) of one episode."""
     actions = np.asarray(ref.actions)
     if actions.size and (actions.min() < 0 or actions.max() >= num_actions):
-        raise DatasetError(f"{where}: episode {ref.episode} has action ids outside [0, {num_actions}) "
-                           f"(min {actions.min()}, max {actions.max()})")
+        bad = int(np.flatnonzero((actions < 0) | (actions >= num_actions))[0])
+        ckpt, row = (int(x) for x in ref.start)
+        raise DatasetError(f"{where}/{ref.run}/replay_logs/$store$_action_ckpt.{ckpt}.gz: episode {ref.episode} "
+                           f"(starting at row {row} of that file) has action id {int(actions[bad])} at its step "
+                           f"{bad}, outside the game's {num_actions} actions (`jowa-data validate ROOT` lists all)")
     counts = np.bincount(actions.astype(np.int64), minlength=num_actions)
     r = np.asarray(ref.rewards)
     return counts.tolist(), int((r < 0).sum()), int((r == 0).sum()), int((r > 0).sum())
@@ -213,7 +216,7 @@ def episodes_table(manifest: GameManifest, refs: Sequence[Any], where: str = "")
     """One row per episode reference (INDEX_SCHEMA), in the given order."""
     cols: dict[str, list] = {f.name: [] for f in INDEX_SCHEMA}
     for e in refs:
-        counts, neg, zero, pos = episode_row_stats(e, manifest.num_actions, where or f"{manifest.name}/{e.run}")
+        counts, neg, zero, pos = episode_row_stats(e, manifest.num_actions, where or manifest.name)
         cols["game"].append(manifest.name)
         cols["task_id"].append(manifest.task_id)
         cols["run"].append(int(e.run))
@@ -275,6 +278,12 @@ def select_game(manifest: GameManifest, replay_root: str | Path, options: Subsam
                 pool.append(e)
             else:
                 incomplete_skipped += 1
+    if not pool:
+        # e.g. a final log whose add_count holds only part of an episode: say so rather than select nothing.
+        a, b = sel.checkpoints
+        raise DatasetError(
+            f"{game_dir}: checkpoints {a}-{b} of runs {runs} hold no complete episode that starts there "
+            f"({incomplete_skipped} incomplete); widen --checkpoints or pass --include-incomplete")
     pool.sort(key=lambda e: (int(e.run), int(e.episode)))
     lengths = np.array([int(e.length) for e in pool], dtype=np.int64)
     pool_transitions = int(lengths.sum())

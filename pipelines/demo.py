@@ -22,8 +22,10 @@ from pipelines.learn import LearnConfig, LearnPaths, render_report, run_learn
 
 
 def demo_learn_config() -> LearnConfig:
-    """`jowa bench learn` sized for the 20-minute main job (the bench's defaults take about an hour)."""
-    return LearnConfig(record_steps=12_000, heldout_steps=2_000, tokenizer_steps=1_500, stage1_steps=600,
+    """`jowa bench learn` sized for the 20-minute main job (the bench's defaults take about an hour). The held-out
+    recording is 2,500 steps because a Freeway game lasts about 2,040 agent steps: each game needs one complete
+    held-out episode (a selection without one is an error)."""
+    return LearnConfig(record_steps=12_000, heldout_steps=2_500, tokenizer_steps=1_500, stage1_steps=600,
                        stage2_steps=1_400, batch_size=16, eval_episodes=4, n_boot=1_000)
 
 

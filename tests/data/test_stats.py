@@ -69,7 +69,8 @@ def test_partial_counts_actions_rewards_and_skips_incomplete_returns():
 
 
 def test_action_id_outside_the_minimal_set_is_an_error():
-    with pytest.raises(DatasetError, match=r"Pong/1: episode 0 has action ids outside \[0, 6\)"):
+    with pytest.raises(DatasetError, match=r"Pong/1/replay_logs/\$store\$_action_ckpt\.0\.gz: episode 0 \(starting "
+                                           r"at row 0 of that file\) has action id 6 at its step 1, outside \[0, 6\)"):
         partial_from_episodes("Pong", 1, PONG, [ref(0, [0, 6], [0, 0])])
 
 

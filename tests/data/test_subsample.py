@@ -271,3 +271,19 @@ def test_read_index_rejects_bad_files(tmp_path: Path):
     junk.write_bytes(b"PAR1 nope")
     with pytest.raises(DatasetError, match="not a readable Parquet file"):
         read_index(junk)
+
+
+def test_checkpoints_without_a_complete_episode_say_so(recorded_replay):
+    """The final log of the fixture run holds only the cut last episode: selecting it alone is an error that
+    says why, not an empty selection."""
+    from jowa_data.errors import DatasetError
+    from jowa_data.manifest import load_manifests
+    from jowa_data.subsample import SubsampleOptions, build_index
+
+    from jowa_data.replay import list_checkpoints
+
+    last = max(list_checkpoints(recorded_replay.root, "Pong", 1))
+    with pytest.raises(DatasetError, match=rf"Pong: checkpoints {last}-{last} of runs \[1\] hold no complete "
+                                           r"episode that starts there \(1 incomplete\); widen --checkpoints"):
+        build_index([load_manifests(None).get("Pong")], recorded_replay.root,
+                    options=SubsampleOptions(checkpoints=(last, last), runs=(1,), num_runs=1))

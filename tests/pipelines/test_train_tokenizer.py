@@ -185,3 +185,27 @@ def test_cli_info_recon_and_errors(tmp_path, trained_tokenizer, atari_frames_npy
     assert r.exit_code == 1 and "--frames" in r.output
     with pytest.raises(ConfigError, match="perceptual"):
         apply_overrides(train_preset("tiny"), {"model": {"perceptual": "alexnet"}})
+
+
+def test_kill_while_the_checkpoint_is_a_temp_file(tmp_path, atari_frames_npy, one_thread):
+    """SIGKILL just before the second checkpoint's temp file is renamed: the first checkpoint stays intact, the
+    resumed run removes the temp file and ends with the uninterrupted run's weights."""
+    ref = tmp_path / "ref"
+    cfg = apply_overrides(train_preset("tiny"), parse_set_args(RESUME_SETS))
+    train_tokenizer(cfg, ref, frames=atari_frames_npy, progress=False)
+    run = tmp_path / "killed"
+    args = ["tokenizer", "train", "--preset", "tiny", "--out", str(run), "--frames", str(atari_frames_npy),
+            "--no-progress"]
+    for s in RESUME_SETS:
+        args += ["--set", s]
+    r = subprocess.run([sys.executable, "-m", "tests.killpoint", r"/\.checkpoint\.pt\.[^/]+\.tmp$", "2",
+                        "pipelines.cli", *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    temps = list(run.glob(".checkpoint.pt.*.tmp"))
+    assert len(temps) == 1 and torch.load(run / "checkpoint.pt", weights_only=True)["step"] < 12
+    r = CliRunner().invoke(jowa_main, args + ["--resume", "--json"])
+    assert r.exit_code == 0, r.output
+    assert not temps[0].exists()
+    sa, sb = load_tokenizer(ref / "tokenizer.pt").state_dict(), load_tokenizer(run / "tokenizer.pt").state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
