@@ -106,10 +106,11 @@ def safe_torch_load(path: PathLike, map_location: Any = "cpu") -> Any:
         text = str(e)
         if "Weights only load failed" in text or "weights_only" in text:
             # torch's message is a page long; the first line that names what was refused is enough.
-            what = next((ln.strip() for ln in text.splitlines() if "Unsupported" in ln or "global" in ln.lower()),
-                        "")
+            import re
+
+            m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
             raise CheckpointError(f"{path}: contains pickled objects that are not plain weights"
-                                  + (f" ({what[:160]})" if what else "") + "; jowa loads weights only") from e
+                                  + (f" (it would call {m.group(1)})" if m else "") + "; jowa loads weights only") from e
         first = text.strip().splitlines()[0][:200] if text.strip() else ""
         raise CheckpointError(f"{path}: cannot load checkpoint safely ({type(e).__name__}: {first})") from e
 

@@ -104,7 +104,7 @@ def build_cache(dataset_dir: str | Path, backend: str = "zarr", cache_dir: str |
     """Verify every data file of `backend` against files.json (sha256), then decode every task into flat .npy
     files. Each file is published atomically and meta.json last; the caller holds the cache lock."""
     from jowa_data.backends import get_backend
-    from jowa_data.integrity import read_files, stat_digest, verify_dataset, damage_error
+    from jowa_data.integrity import read_files, stat_digest
 
     d = Path(dataset_dir)
     info = read_info(d)
@@ -116,16 +116,27 @@ def build_cache(dataset_dir: str | Path, backend: str = "zarr", cache_dir: str |
     files = read_files(d, info)
     digest = stat_digest(d, files, [backend])
     be = get_backend(backend)
-    n = info.total_transitions
     tasks = [(g, k) for g in info.game_names for k in info.games[g]["tasks"]]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=2 * len(tasks), desc=f"verify + decode {backend} -> cache", unit="task", leave=False)
+    try:
+        return _decode_into_cache(d, info, be, backend, cdir, tasks, files, digest, bar)
+    finally:
+        if bar:
+            bar.close()  # before any error message, so that it starts its own line
+
+
+def _decode_into_cache(d: Path, info: DatasetInfo, be, backend: str, cdir: Path, tasks: list, files: dict,
+                       digest: str, bar) -> Path:
+    from jowa_data.integrity import damage_error, stat_digest, verify_dataset
+
     damaged = verify_dataset(d, "full", [backend], info, progress=bar.update if bar else None)
     if damaged:
         raise damage_error(d, damaged)
+    n = info.total_transitions
     # Tokens/actions/terminals go straight into memory-mapped temp files (bounded RAM at paper scale);
     # rewards (4 B/row) are kept in RAM to decide their dtype: exact small integers in DQN-Replay (clipped
     # to -1/0/1) are stored as int8.
@@ -157,8 +168,6 @@ def build_cache(dataset_dir: str | Path, backend: str = "zarr", cache_dir: str |
         if np.array_equal(rewards, np.round(rewards)) and (n == 0 or (rewards.min() >= -128 and rewards.max() <= 127)):
             rewards = rewards.astype(np.int8)
         np.save(tmps["rewards"], rewards, allow_pickle=False)
-    if bar:
-        bar.close()
     if stat_digest(d, files, [backend]) != digest:
         raise DatasetError(f"{d}: data files changed while the token cache was made; run again")
     atomic_write_json(cdir / "meta.json", _cache_meta(info, backend, digest))
