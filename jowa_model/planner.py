@@ -168,7 +168,6 @@ def beam_search(model: ImaginationModel, state: Any, q_root: torch.Tensor, masks
     paths = torch.empty(n, 0, dtype=torch.long, device=dev)
     calls: list[int] = []
     for d in range(1, horizon + 1):
-        b = env.shape[0]
         cand, valid = ranked_actions(q, masks[env], k)  # (B, K)
         # A terminal path has one "frozen" child (slot 0) that keeps its score; its imagined step is ignored.
         valid = valid.clone()
@@ -377,18 +376,18 @@ class Planner:
         return torch.tensor(out, dtype=torch.long, device=q.device)
 
 
-def BeamSearchPlanner(model: ImaginationModel, horizon: int = 2, beam_width: int = 2, gamma: float = 0.99) -> Planner:
+def beam_planner(model: ImaginationModel, horizon: int = 2, beam_width: int = 2, gamma: float = 0.99) -> Planner:
     """The paper's planner (Eq. 11)."""
     return Planner(model, PlannerConfig(kind="beam", horizon=horizon, beam_width=beam_width, gamma=gamma))
 
 
-def MCTSPlanner(model: ImaginationModel, horizon: int = 2, num_simulations: int = 20, temperature: float = 0.9) -> Planner:
+def mcts_planner(model: ImaginationModel, horizon: int = 2, num_simulations: int = 20, temperature: float = 0.9) -> Planner:
     """The appendix-F MCTS baseline."""
     return Planner(model, PlannerConfig(kind="mcts", horizon=horizon, num_simulations=num_simulations,
                                         temperature=temperature))
 
 
-def GreedyPlanner(model: ImaginationModel) -> Planner:
+def greedy_planner(model: ImaginationModel) -> Planner:
     """No planning: argmax of the critic over valid actions."""
     return Planner(model, PlannerConfig(kind="greedy"))
 

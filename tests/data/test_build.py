@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from jowa_data.cli import main
 from jowa_data.layout import INFO, PLAN, read_info
 
-pytest.importorskip("zarr")
 
 
 def make_tokenizer(path: Path) -> Path:

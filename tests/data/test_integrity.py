@@ -21,7 +21,6 @@ from jowa_data.cli import main
 from jowa_data.errors import DatasetError
 from tests.data.test_build import build_args, make_tokenizer, tree_bytes
 
-pytest.importorskip("zarr")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -58,16 +57,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-DDP_SCRIPT = r"""
-import json, sys, torch
-from jowa_data.config import config_from_dict
-from pipelines.pretrain import PretrainConfig, pretrain
-cfg = config_from_dict(PretrainConfig, json.loads(sys.argv[1]))
-res = pretrain(cfg, sys.argv[2])
-import os
-from jowa_model.checkpoint import load_world_action
-"""
-
 RANK_SCRIPT = r"""
 import json, os, sys, torch
 torch.set_num_threads(1)
@@ -111,7 +100,6 @@ def test_ddp_two_ranks_average_gradients(built_dataset, tmp_path):
         assert p.returncode == 0, out.decode()[-3000:]
     p0 = torch.load(tmp_path / "params_rank0.pt", weights_only=True)
     p1 = torch.load(tmp_path / "params_rank1.pt", weights_only=True)
-    moved = 0
     for k, v in ref.state_dict().items():
         assert torch.equal(p0[k], p1[k]), f"ranks differ in {k}"  # DDP kept the replicas identical
         torch.testing.assert_close(p0[k], v, rtol=1e-4, atol=1e-5, msg=f"DDP != single process in {k}")
