@@ -4,7 +4,7 @@ transitions.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_data.py [--steps 2000] [--transitions 1000000] [--tokenizer CKPT]
 
-Official anchors on this machine (shared/reference/official-anchors.md): in-memory token loader
+Official figures on this machine (docs/performance.md §5): in-memory token loader
 6,200-8,000 segments/s and 310 MiB per million transitions per rank. Targets: >= 60,000 segments/s per
 process from shards, <= 80 MiB per million transitions shared by the ranks of a node.
 """

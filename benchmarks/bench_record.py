@@ -5,7 +5,7 @@
 `env` = AtariEnv alone (ALE + max-pool + INTER_AREA resize, random actions);
 `record` = the full recorder (policy + ReplayLogger + gzip checkpoint files; level 9 = Dopamine's,
 `--compresslevel 1` is the fast option).
-Reference: machine-notes.md measured raw `ALEInterface.act` at ~18k frames/s and gymnasium's
+Reference (docs/performance.md §6): raw `ALEInterface.act` at ~18k frames/s and gymnasium's
 AtariPreprocessing at ~9.9k frames/s (2.5k steps/s) on Pong, one core.
 """
 

@@ -3,7 +3,7 @@ one training step (tiny), and the LPIPS-VGG perceptual term. Real frames from th
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_tokenizer.py [--frames 64] [--json]
 
-Official anchor on this CPU (shared/reference/official-anchors.md): tokenizer.encode, 1 frame: 20.5 ms fp32,
+Official figures on this CPU (docs/performance.md §3-4): tokenizer.encode, 1 frame: 20.5 ms fp32,
 14.4 ms bf16; 64 frames: 1930 ms fp32 (33 frames/s), 897 ms bf16 (71 frames/s).
 """
 

@@ -1,6 +1,6 @@
 """Stage-2 training-step throughput of the world-action model (fwd + all losses + bwd + clip + AdamW).
 
-Same step as the official anchor (official-anchors.md item 4a: JOWA-40M, B=8 segments x L=8 steps, token input,
+Same step as the official figure (docs/performance.md §3, 4a: JOWA-40M, B=8 segments x L=8 steps, token input,
 bf16 autocast on CPU, 2 threads: 939 ms/step = 2,522 tokens/s): one row terminates at step 5 and is right-padded
 for 2 steps, random actions / rewards in {-1,0,1} / tasks, model in train mode, target copy after the step.
 
@@ -27,7 +27,7 @@ from jowa_model.losses import LossConfig, compute_loss
 from jowa_model.presets import model_preset
 from jowa_model.world_action import WorldActionModel
 
-OFFICIAL_40M_BF16_TOK_S = 2522.0  # official-anchors.md, item 4a
+OFFICIAL_40M_BF16_TOK_S = 2522.0  # docs/performance.md §3, 4a
 
 
 def make_batch(cfg, batch: int, steps: int, gen: torch.Generator) -> dict[str, torch.Tensor]:

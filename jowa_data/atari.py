@@ -2,7 +2,7 @@
 
 Why not gymnasium wrappers: DQN-Replay was produced by Dopamine's `AtariPreprocessing`
 (`dopamine/discrete_domains/atari_lib.py`, 2019) and we want the same frames bit for bit, with no
-wrapper layers in the hot loop. Recipe (shared/reference/data-formats.md §1.4, §1.6):
+wrapper layers in the hot loop. Recipe (docs/dqn_replay_format.md §4, §6):
 
 * ALE `frame_skip=1`; sticky actions via ALE `repeat_action_probability` (0.25 when recording,
   0.0 for evaluation), applied per emulator frame;

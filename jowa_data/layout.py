@@ -27,7 +27,7 @@ from typing import Any
 from jowa_data.errors import DatasetError
 
 FORMAT_VERSION = 1  # bump on any incompatible layout change
-TOKENS_PER_FRAME = 36  # 6x6 VQ grid (paper sec. 3.1)
+TOKENS_PER_FRAME = 36  # 6x6 VQ grid (paper sec. 4.1)
 VOCAB_SIZE = 2048  # codebook size (paper Table 7) -> uint16 tokens
 FIELDS = ("tokens", "actions", "rewards", "terminals")
 DTYPES = {"tokens": "uint16", "actions": "uint8", "rewards": "float32", "terminals": "uint8"}

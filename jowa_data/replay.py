@@ -1,6 +1,6 @@
 """DQN-Replay reader: Dopamine checkpoint logs → episodes of (frame, action, reward, terminal).
 
-On disk (shared/reference/data-formats.md §1): `<root>/<Game>/<run>/replay_logs/` holds, per suffix N,
+On disk (docs/dqn_replay_format.md §1): `<root>/<Game>/<run>/replay_logs/` holds, per suffix N,
 `$store$_{observation,action,reward,terminal}_ckpt.N.gz`, `add_count_ckpt.N.gz`, `invalid_range_ckpt.N.gz`:
 gzip'd `.npy` dumps of a circular buffer of capacity `cap` (1M rows in DQN-Replay).
 
@@ -51,7 +51,7 @@ from jowa_data.npy_stream import (
 
 STORE_KINDS = ("observation", "action", "reward", "terminal")
 REQUIRED_KINDS = (*STORE_KINDS, "add_count")  # invalid_range is optional: checked when present
-FRAME_SHAPE = (84, 84)  # Dopamine preprocessing: 84x84 grayscale (data-formats.md §1.4)
+FRAME_SHAPE = (84, 84)  # Dopamine preprocessing: 84x84 grayscale (docs/dqn_replay_format.md §4)
 STACK_PADDING = 3  # zero rows Dopamine adds before each episode: stack_size 4 - 1
 UPDATE_HORIZON = 1  # invalid_range = stack_size + update_horizon slots
 _DTYPES = {"observation": np.uint8, "action": np.int32, "reward": np.float32, "terminal": np.uint8}
@@ -220,7 +220,7 @@ class _Ckpt:
 
 
 def _segments(n: int, cap: int, ckpt: int) -> tuple[tuple[int, int], ...]:
-    """Dopamine's validity rule (data-formats.md §1.3), including the final log of a run."""
+    """Dopamine's validity rule (docs/dqn_replay_format.md §3), including the final log of a run."""
     if n >= cap:
         c = n % cap
         return tuple(s for s in ((c, cap), (0, c)) if s[0] < s[1])

@@ -2,7 +2,7 @@
 
 Why a writer: every test and the demo need real DQN-Replay files, and the public bucket is ~1 TB.
 This module reproduces the on-disk format and the buffer semantics bit for bit (see
-shared/reference/data-formats.md §1.1-1.3), including its quirks:
+docs/dqn_replay_format.md §1-3 and §5), including its quirks:
 
 * every episode starts with 3 zero padding rows (obs 0, action 0, reward 0, terminal 0);
 * the buffer is logged as suffix `_log_count` after an `add()` that leaves

@@ -5,7 +5,7 @@ tokens (N,36) + u8 actions + i8/f32 rewards + u8 terminals, ~72 MiB per million 
 rank and DataLoader worker of a node memory-maps the same files, so the OS page cache holds one copy.
 A batch is a vectorised numpy gather over a small in-memory index of segment starts.
 
-Segments (paper sec. 3 / official right-padding CSVs): within each episode a segment starts every
+Segments (paper sec. 4.3 / docs/official_code.md §4): within each episode a segment starts every
 `stride` steps (tau=4 in official pretraining, 1 in fine-tuning) and covers `seq_len` steps (L=8). It
 never starts before an episode start; when it runs past the episode end it is right-padded: token 0,
 action 0, reward 0, end 0, `mask_padding` False.

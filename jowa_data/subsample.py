@@ -2,7 +2,7 @@
 
 Paper sec. 5.1 trains on "2 of 5 runs, a uniform 10% of the transitions" per game. The official
 `downsample.py` draws episode ids *with* replacement and silently uses each file's leading fragment
-as an episode (jowa-official-facts.md). We instead, per game:
+as an episode (docs/official_code.md §4). We instead, per game:
 
 1. take the candidate runs of the manifest (or `--runs`) that exist on disk and draw `num_runs` of them;
 2. list the episodes that *start* in the checkpoint range [first, last] (complete ones only, unless

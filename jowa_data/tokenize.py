@@ -2,7 +2,7 @@
 
 The build and the on-the-fly segment source both call `encode_frames`, so the two paths produce the
 same tokens by construction. bf16 is opt-in: VQ is an argmin over codebook distances and bf16 can flip
-near-ties (the official save_obs_in_token.py encodes in bf16; jowa-official-facts.md §4), so fp32 is the
+near-ties (the official save_obs_in_token.py encodes in bf16; docs/official_code.md §4), so fp32 is the
 default and the precision used is recorded in info.json.
 """
 

@@ -1,9 +1,9 @@
-"""JOWA losses (paper sec. 3.2): world loss (Eq. 7), action loss (Eq. 8: C51 TD + CQL), joint loss (Eq. 9).
+"""JOWA losses (paper sec. 4.1.2-4.1.3): world loss (Eq. 7), action loss (Eq. 8: C51 TD + CQL), joint loss (Eq. 9).
 
 Pure tensor code over one forward pass of `WorldActionModel`. Every term is vectorised (no per-row Python,
 no `.item()`); `LossTerms` carries the weighted total plus detached terms for logging.
 
-Decisions (fact sheet §3, §9):
+Decisions (official code: docs/official_code.md §3, §9):
 - TD targets: step t bootstraps from block t+1 of the same segment when both steps are real and t is not
   terminal; a terminal step (ends=1) targets clip(r_t) alone. The last real step of a cut segment has no target.
   a* = argmax over the game's VALID actions of the target head's expected Q (same head selects and evaluates,
@@ -33,7 +33,7 @@ LOG_EPS = 1e-8  # log(p + eps) in the C51 cross-entropy (official value)
 class LossConfig:
     gamma: float = 0.99  # discount (Table 13)
     world_weight: float = 0.1  # beta of Eq. 9 in stage 2 (0.5 in the official fine-tuning); 0 = model-free ablation
-    cql_alpha: float = 0.1  # alpha of Eq. 8 (paper sec. 3.2); 0 = "no CQL" ablation
+    cql_alpha: float = 0.1  # alpha of Eq. 8 (paper sec. 4.1.3; CQL: sec. 3.2); 0 = "no CQL" ablation
     cql_actions: Literal["valid", "all"] = "valid"  # logsumexp action set; "all" = official (see module doc)
     td_loss: Literal["c51", "mse"] = "c51"  # "mse" = ablation: squared error on expected Q (Table 6)
     action_grad_to_backbone: bool = True  # False = sg(L_action) ablation: Q losses do not train the transformer

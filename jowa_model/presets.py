@@ -1,7 +1,7 @@
 """World-action model presets: the paper's three sizes (Tables 11-12) and a CPU-sized `tiny`.
 
-Trainable counts with the defaults (official code, official-anchors.md): 40M 17,416,091; 70M 50.6M;
-150M 109.1M. The size names also count the target head and the tokenizer (fact sheet §2).
+Trainable counts with the defaults (official code, docs/official_code.md §2): 40M 17,416,091; 70M 50.6M;
+150M 109.1M. The size names also count the target head and the tokenizer (same section).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The JOWA world-action model: one causal transformer, four heads (paper sec. 3.1, appendix E).
+"""The JOWA world-action model: one causal transformer, four heads (paper sec. 4.1, appendix E).
 
 A segment of L steps is one token sequence of interleaved blocks `[36 obs tokens, 1 action token]`
 (37 tokens per step, L=8 gives 296 tokens). Input = token embedding (separate tables for the 2048 obs
@@ -7,7 +7,7 @@ tables for obs and action positions). Which table a token uses is implied by its
 `pos % 37 == 36` is an action token. The backbone is minGPT/nanoGPT pre-LN with a fused qkv Linear and
 `F.scaled_dot_product_attention` (flash kernels on GPU, the fused CPU kernel here).
 
-Heads read only the positions they need (official JOWA "slicers", fact sheet §2):
+Heads read only the positions they need (official JOWA "slicers", docs/official_code.md §2):
   obs head     positions 0..34 and 36 of each block -> the NEXT obs token (2048 classes)
   reward head  position 36 (action token)            -> sign(r_t) + 1 (3 classes)
   end head     position 36                           -> d_t (2 classes)
@@ -54,7 +54,7 @@ NUM_TASKS = 60  # the official alphabetical 60-game list (Breakout = 13)
 
 @dataclass
 class WorldActionConfig:
-    # --- token layout (paper sec. 3.1; fact sheet §2) ---
+    # --- token layout (paper sec. 4.1; docs/official_code.md §2) ---
     obs_vocab: int = 2048  # VQ codebook size = obs token classes (Table 9)
     num_actions: int = 18  # full ALE action set; action tokens are full ids 0..17
     obs_tokens: int = 36  # tokens per frame (6x6 grid)
@@ -708,7 +708,7 @@ class WorldActionModel(nn.Module):
         return opt
 
     def parameter_counts(self) -> dict[str, int]:
-        """Per-part counts (official naming of official-anchors.md) + trainable total."""
+        """Per-part counts (the official parts of docs/official_code.md §2) + trainable total."""
         def n(mods) -> int:
             return sum(p.numel() for m in mods for p in m.parameters())
 

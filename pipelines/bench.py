@@ -4,7 +4,7 @@ Each section calls the benchmark that owns the measurement (`benchmarks/bench_*.
 through its `run`-style function, so `python benchmarks/x.py` and `jowa bench x` measure the same thing. The result
 is one dict: the machine it ran on (CPU, cores, torch threads, GPU, load average before and after: a loaded machine
 must say so), the sizes used, the raw figures per section, and a flat list of figures, each with a unit and, where
-one exists, the official figure measured on this machine (shared/reference/official-anchors.md) and our ratio to it.
+one exists, the official figure measured on this machine (docs/performance.md) and our ratio to it.
 """
 
 from __future__ import annotations
@@ -25,20 +25,20 @@ from jowa_data.errors import ConfigError, JowaError
 SECTIONS = ("read", "record", "build", "stream", "train", "tokenizer", "plan")
 SIZES = ("tiny", "quick", "full")
 
-# Official JOWA figures on this 2-core CPU (official-anchors.md), or the machine notes where the official code has
-# no such path. Values are in the unit of the figure they are compared with.
+# Official JOWA figures on this 2-core CPU (docs/performance.md §2-§5), or the emulator figures (§6) where the
+# official code has no such path. Values are in the unit of the figure they are compared with.
 OFFICIAL = {
-    "train.40M.fp32": (1493.0, "official 40M fp32, B=8 L=8"),  # item 4a: 1587 ms/step
-    "train.40M.bf16": (2522.0, "official 40M bf16, B=8 L=8"),  # item 4a: 939 ms/step
-    "encode.fp32": (64 / 1.930, "official encode, 64 frames fp32"),  # item 4b: 1930 ms
-    "encode.bf16": (64 / 0.897, "official encode, 64 frames bf16"),  # item 4b: 897 ms
-    "decode.fp32": (9 / 0.3056, "official decode, B=9 fp32"),  # component table: 305.6 ms
-    "decode.bf16": (9 / 0.1334, "official decode, B=9 bf16"),  # component table: 133.4 ms
-    "encode_1frame_ms": (20.5, "official encode, 1 frame fp32"),
-    "segments_per_s": (6616.0, "official token-in-memory loader, workers=0, 800k"),  # item 5
-    "mib_per_1M": (310.0, "official token-in-memory RSS per rank"),  # item 5
-    "env.steps_per_s": (2480.0, "gymnasium AtariPreprocessing, Pong (machine-notes)"),
-    "env.frames_per_s": (9900.0, "gymnasium AtariPreprocessing, Pong (machine-notes)"),
+    "train.40M.fp32": (1493.0, "official 40M fp32, B=8 L=8"),  # docs/performance.md §3 (4a): 1587 ms/step
+    "train.40M.bf16": (2522.0, "official 40M bf16, B=8 L=8"),  # §3 (4a): 939 ms/step
+    "encode.fp32": (64 / 1.930, "official encode, 64 frames fp32"),  # §3 (4b): 1930 ms
+    "encode.bf16": (64 / 0.897, "official encode, 64 frames bf16"),  # §3 (4b): 897 ms
+    "decode.fp32": (9 / 0.3056, "official decode, B=9 fp32"),  # §4: 305.6 ms
+    "decode.bf16": (9 / 0.1334, "official decode, B=9 bf16"),  # §4: 133.4 ms
+    "encode_1frame_ms": (20.5, "official encode, 1 frame fp32"),  # §4
+    "segments_per_s": (6616.0, "official token-in-memory loader, workers=0, 800k"),  # §5
+    "mib_per_1M": (310.0, "official token-in-memory RSS per rank"),  # §5
+    "env.steps_per_s": (2480.0, "gymnasium AtariPreprocessing, Pong (docs/performance.md §6)"),
+    "env.frames_per_s": (9900.0, "gymnasium AtariPreprocessing, Pong (docs/performance.md §6)"),
 }
 
 
@@ -51,7 +51,7 @@ class ReadBench:
 
 @dataclass
 class RecordBench:
-    game: str = "Pong"  # manifest name (machine-notes figures are on Pong)
+    game: str = "Pong"  # manifest name (the emulator figures of docs/performance.md §6 are on Pong)
     steps: int = 2000  # agent steps, for the bare env and for record()
     capacity: int = 1000  # rows per checkpoint file, so rotation is included
     compresslevel: int = 9  # gzip level of the written files (9 = Dopamine's)

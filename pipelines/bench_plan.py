@@ -1,6 +1,6 @@
 """`jowa bench plan`: decisions/s of greedy, beam search (H=2, K=2/3/4) and MCTS (20 simulations) for one model.
 
-Settings follow the official measurement (shared/reference/official-anchors.md): one environment, Phoenix
+Settings follow the official measurement (docs/performance.md §2): one environment, Phoenix
 (8 valid actions), an 8-step token history that rolls after every decision, fp32 unless asked, random weights of
 the named preset when no checkpoint is given. One timed decision = tokenizer.encode of the new 84x84 frame with
 the paper-size tokenizer (random weights) + `Planner.plan` over the history (which cuts the context to
@@ -26,12 +26,12 @@ import torch
 
 from jowa_model.planner import Planner, PlannerConfig, RollingGreedy, WorldModelImagination
 
-# Official JOWA-40M on this machine, fp32 / bf16 autocast, decisions/s (official-anchors.md, items 1-3).
+# Official JOWA-40M on this machine, fp32 / bf16 autocast, decisions/s (docs/performance.md §2).
 OFFICIAL_40M = {
     "float32": {"greedy": 10.85, "beam_k2": 0.82, "beam_k3": 0.62, "beam_k4": 0.55, "mcts": 0.143},
     "bfloat16": {"greedy": 15.07, "beam_k2": 1.23, "beam_k3": 0.96, "beam_k4": 0.78, "mcts": 0.186},
 }
-OFFICIAL_ENCODE_MS = {"float32": 20.5, "bfloat16": 14.4}  # their tokenizer.encode of 1 frame, included above
+OFFICIAL_ENCODE_MS = {"float32": 20.5, "bfloat16": 14.4}  # their tokenizer.encode of 1 frame, included above (§4)
 
 PLANNERS: dict[str, PlannerConfig] = {
     "greedy": PlannerConfig(kind="greedy"),

@@ -6,7 +6,7 @@ import click
 
 from jowa_data.cli_util import echo_json, stdout_console
 
-# trainable totals of the official code (official-anchors.md; fact sheet §2), for the side-by-side column
+# trainable totals of the official code (docs/official_code.md §2), for the side-by-side column
 OFFICIAL_TRAINABLE = {"40M": 17_416_091, "70M": 50.6e6, "150M": 109.1e6}
 
 

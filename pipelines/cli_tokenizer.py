@@ -9,7 +9,7 @@ import click
 
 from jowa_data.cli_util import echo_json, stdout_console
 
-# Official JOWA tokenizer, as instantiated (shared/reference/official-anchors.md, item 6).
+# Official JOWA tokenizer, as instantiated (docs/official_code.md §1).
 OFFICIAL_PARAMS = {"encoder": 1_272_064, "decoder": 1_201_537, "codebook": 1_573_888, "total": 4_047_489}
 
 

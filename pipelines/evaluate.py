@@ -1,6 +1,6 @@
 """Evaluation on the real Atari emulator: N episodes of a game in lockstep, one batched plan per agent step.
 
-Protocol (paper Table 16, with the official code's bugs fixed, fact sheet §6):
+Protocol (paper Table 16, with the official code's bugs fixed, docs/official_code.md §6):
 - `jowa_data.atari.AtariEnv` with sticky actions OFF: grayscale, max-pool of the last 2 of 4 skipped frames,
   84×84 INTER_AREA, terminal on game over only, no noop starts;
 - an episode is cut at `max_frames` EMULATOR frames (108K = 27K agent steps; the official code capped 108K

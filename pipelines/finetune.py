@@ -3,7 +3,7 @@
 The game is described only by its manifest (a held-out game, or a brand-new one from `--manifests DIR`):
 its task id selects the task embedding and its valid-action mask is written into the model's
 `action_masks` row for that id, so TD argmax, CQL and acting use the game's OWN actions. (The official
-code remaps held-out games to proxy training games and borrows their masks, fact sheet §9.2.)
+code remaps held-out games to proxy training games and borrows their masks, docs/official_code.md §9.2.)
 
 Recipe (defaults = the paper / official finetune_150M.yaml): a small dataset (5k transitions drawn from the
 last 20% of DQN-Replay, checkpoints 41-50), segments of L=8 steps every tau=1 step, batch 32, AdamW lr 5e-5,

@@ -3,11 +3,11 @@
 Stage 1 (M1 steps) trains the world heads and the backbone on the world loss (Eq. 7); stage 2 (M2 steps)
 trains everything on the joint loss (Eq. 9). One run, one step counter: at step M1 the optimizer is rebuilt
 with the stage-2 learning rates (the official single-run path keeps the stage-1 world LR by an off-by-one,
-fact sheet §3; ours switches at exactly M1) and the Q head becomes trainable.
+docs/official_code.md §3; ours switches at exactly M1) and the Q head becomes trainable.
 
 DDP really averages gradients: the loss is computed inside the wrapped module's forward, so DDP's reducer
 sees every backward (the official code calls `ddp.module.compute_loss`, bypassing DDP's forward, so its
-ranks never synchronise, fact sheet §9.1). `data.batch_size` is GLOBAL: each of W ranks gets
+ranks never synchronise, docs/official_code.md §9.1). `data.batch_size` is GLOBAL: each of W ranks gets
 batch_size / W segments, and the averaged gradient equals that of one process on the whole batch.
 
 Resume is exact: rerunning the same command continues from the newest checkpoint in the run folder with

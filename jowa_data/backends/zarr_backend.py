@@ -1,6 +1,6 @@
 """zarr v3 backend: one group per build task with sharded, zstd-compressed arrays.
 
-Why these choices (shared/reference/machine-notes.md, data-formats.md §4): plain zstd keeps the row-to-row
+Why these choices (docs/performance.md §7: measurements, zarr docs): plain zstd keeps the row-to-row
 redundancy of token streams (ratio ~4.3 vs 1.45 with bitshuffle); shards keep the file count low; each task
 writes all of its own shards in one call, so no two processes ever touch one shard. Consolidated metadata
 is not used (experimental in v3 and not auto-updated): readers open arrays by path.

@@ -35,7 +35,7 @@ def first_grad(net: torch.nn.Module) -> float:
 
 def test_paper_preset_matches_official_layout_and_counts():
     tok = Tokenizer(tokenizer_preset("paper"))
-    # Exact counts of the official tokenizer as instantiated (official-anchors.md item 6).
+    # Exact counts of the official tokenizer as instantiated (docs/official_code.md §1).
     assert tok.num_params() == {"encoder": 1_272_064, "decoder": 1_201_537, "codebook": 1_573_888,
                                 "total": 4_047_489}
     assert tok.cfg.tokens_per_frame == 36 and tok.cfg.vocab_size == 2048 and tok.cfg.embed_dim == 512

@@ -20,7 +20,7 @@ from tests.fixtures_model import tiny_model, token_sequence
 
 torch.set_num_threads(1)
 
-# official-anchors.md item 6 (JOWA-40M as instantiated by the official code)
+# docs/official_code.md §2 (JOWA-40M as instantiated by the official code)
 OFFICIAL_40M = {"backbone": 12_610_560, "embeddings": 1_270_784, "head_obs": 1_313_280, "head_reward": 264_195,
                 "head_end": 263_682, "head_q": 1_693_590, "head_q_target": 1_693_590, "total": 19_109_681,
                 "trainable": 17_416_091}
@@ -36,7 +36,7 @@ def test_40m_counts_match_official_exactly():
 def test_larger_presets_match_official_totals(name, trainable_m, total_m):
     with torch.device("meta"):
         counts = WorldActionModel(model_preset(name)).parameter_counts()
-    assert round(counts["trainable"] / 1e6, 1) == trainable_m  # fact sheet: 50.6M / 109.1M (rounded from ckpts)
+    assert round(counts["trainable"] / 1e6, 1) == trainable_m  # docs/official_code.md §2: 50.6M / 109.1M (ckpt sizes)
     assert round(counts["total"] / 1e6, 1) == total_m  # checkpoint sizes: 213 MB = 53.4M, 511 MB = 127.8M
 
 

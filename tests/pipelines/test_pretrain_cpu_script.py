@@ -47,7 +47,7 @@ def test_end_to_end_summary_and_resume(script, built_dataset, tmp_path, capsys):
     counts = last["eval/reward_class_counts"]
     assert 0 < sum(counts) <= summary["build"]["heldout"]["transitions"]  # held-out steps, each at most once
     assert set(summary["parameters"]) == {"tiny", "40M", "70M", "150M"}
-    assert summary["parameters"]["40M"]["trainable"] == 17_416_091  # official count (official-anchors.md)
+    assert summary["parameters"]["40M"]["trainable"] == 17_416_091  # official count (docs/official_code.md §2)
     assert summary["record"]["FishingDerby/2"]["steps"] == 120  # the default game
     # rerun: every stage is complete, the same checkpoint is reported
     ckpts = sorted((out / "pretrain" / "ckpt").glob("step_*.pt"))
