@@ -22,8 +22,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from jowa_data.actions import ACTION_ID, FULL_ACTIONS
-from jowa_data.errors import ConfigError
+from jowa_common.actions import ACTION_ID, FULL_ACTIONS
+from jowa_common.errors import ConfigError
 
 
 @dataclass

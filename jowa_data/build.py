@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from jowa_data.backends import TaskArrays, get_backend
-from jowa_data.errors import ConfigError, DatasetError, ReplayFormatError
-from jowa_data.io import (LOCK_NAME, atomic_path, atomic_write_json, folder_lock, remove_stale_temps, sha256_bytes,
+from jowa_common.errors import ConfigError, DatasetError, ReplayFormatError
+from jowa_common.io import (LOCK_NAME, atomic_path, atomic_write_json, folder_lock, remove_stale_temps, sha256_bytes,
                           sha256_file)
 from jowa_data.layout import (EPISODES, FILES, FORMAT_VERSION, FORMATS, INFO, PLAN, STATS, TASKS_DIR,
                               TMP_DIR, TOKENS_PER_FRAME, VOCAB_SIZE, DatasetInfo, read_info, task_key)
@@ -93,7 +93,7 @@ def make_plan(index, index_meta: dict, manifests: Sequence[GameManifest], replay
 
 # --- one task (runs on a dask worker) --------------------------------------------------------------
 
-def _read_task_frames(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def read_task_frames(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(frames (N,84,84) u8, minimal actions (N,), rewards (N,) f32, terminals (N,) u8) of the task's episodes."""
     from jowa_data.replay import iter_episodes
     from jowa_data.subsample import scan_range
@@ -178,7 +178,7 @@ def run_task(spec: dict[str, Any], progress: Callable[[int], None] | None = None
 
     out = Path(spec["out_dir"])
     t0 = time.perf_counter()
-    frames, actions_min, rewards, terminals = _read_task_frames(spec)
+    frames, actions_min, rewards, terminals = read_task_frames(spec)
     t1 = time.perf_counter()
     device = pick_device(spec["device"])
     tok = load_frozen_tokenizer(spec["tokenizer"], device)
@@ -352,7 +352,7 @@ def build_dataset(manifests: Sequence[GameManifest], replay_root: str | Path, to
     out = Path(out_dir)
     tok_path = Path(tokenizer_path)
     if not tok_path.is_file():
-        from jowa_data.errors import CheckpointError
+        from jowa_common.errors import CheckpointError
 
         raise CheckpointError(f"{tok_path}: tokenizer checkpoint not found")
     t_start = time.perf_counter()

@@ -9,7 +9,7 @@ import click
 
 from jowa_data.cli_util import (echo_json, load_registry, manifests_option, parse_range, parse_runs, stderr_console,
                                 stdout_console)
-from jowa_data.errors import ConfigError, DatasetError
+from jowa_common.errors import ConfigError, DatasetError
 
 
 @click.command("build")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from jowa_data.cli_util import echo_json, load_registry, manifests_option, stdout_console
-from jowa_data.errors import ConfigError
+from jowa_common.errors import ConfigError
 
 
 @click.command("record")

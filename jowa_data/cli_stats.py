@@ -8,7 +8,7 @@ import click
 
 from jowa_data.cli_util import (echo_json, load_registry, manifests_option, parse_range, parse_runs, stderr_console,
                                 stdout_console)
-from jowa_data.errors import ConfigError
+from jowa_common.errors import ConfigError
 from jowa_data.stats import DEFAULT_STEP_CAP
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from jowa_data.errors import JowaError
+from jowa_common.errors import JowaError
 
 
 # What the file system can refuse us: the user's to fix (free space, permissions), not a bug to trace back.

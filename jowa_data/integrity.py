@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from jowa_data.errors import ConfigError, DatasetError
-from jowa_data.io import sha256_bytes, sha256_file
+from jowa_common.errors import ConfigError, DatasetError
+from jowa_common.io import sha256_bytes, sha256_file
 from jowa_data.layout import FILES, DatasetInfo, read_info
 
 VERIFY_MODES = ("off", "size", "full")

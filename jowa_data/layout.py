@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jowa_data.errors import DatasetError
+from jowa_common.errors import DatasetError
 
 FORMAT_VERSION = 1  # bump on any incompatible layout change
 TOKENS_PER_FRAME = 36  # 6x6 VQ grid (paper sec. 4.1)

@@ -18,8 +18,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from jowa_data import actions as A
-from jowa_data.errors import ManifestError
+from jowa_common import actions as A
+from jowa_common.errors import ManifestError
 
 SPLITS = ("pretrain", "finetune", "other")
 
@@ -281,3 +281,14 @@ def manifest_to_dict(m: GameManifest) -> dict[str, Any]:
     d["path"] = str(m.path) if m.path else None
     d["full_action_ids"] = m.full_action_ids.tolist()
     return d
+
+
+def action_mask_table(registry: ManifestRegistry, num_tasks: int) -> np.ndarray:
+    """(num_tasks, 18) bool valid-action table from the game manifests (a model's per-task action masks); tasks
+    without a manifest allow all 18 actions."""
+    masks = np.ones((num_tasks, len(A.FULL_ACTIONS)), dtype=bool)
+    for m in registry:
+        if m.task_id >= num_tasks:
+            raise ManifestError(f"{m.path}: task_id {m.task_id} >= model.num_tasks {num_tasks}")
+        masks[m.task_id] = m.action_mask
+    return masks

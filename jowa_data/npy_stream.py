@@ -20,7 +20,7 @@ from typing import IO, Any, Iterator
 
 import numpy as np
 
-from jowa_data.errors import ReplayFormatError
+from jowa_common.errors import ReplayFormatError
 
 DECODERS = ("isal", "rapidgzip", "gzip")
 # Measured on the shared 2-core dev machine (benchmarks/bench_replay.py, 1M-row file, raw stream):

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Protocol
 
 import numpy as np
 
-from jowa_data.errors import ConfigError
+from jowa_common.errors import ConfigError
 
 if TYPE_CHECKING:
     from jowa_data.atari import AtariEnv

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from jowa_data.atari import AtariConfig, AtariEnv
-from jowa_data.errors import ConfigError, ManifestError
+from jowa_common.errors import ConfigError, ManifestError
 from jowa_data.manifest import GameManifest
 from jowa_data.policies import Policy, bind_policy, make_policy
 from jowa_data.replay_writer import LoggedCheckpoint, ReplayLogger

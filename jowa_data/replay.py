@@ -36,7 +36,7 @@ from typing import IO, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from jowa_data.errors import ReplayFormatError
+from jowa_common.errors import ReplayFormatError
 from jowa_data.npy_stream import (
     DECODERS,
     NpyHeader,
@@ -167,6 +167,23 @@ def _listing(logs: _Loc) -> dict[int, set[str]]:
         if m:
             out.setdefault(int(m.group(2)), set()).add(m.group(1))
     return out
+
+
+def run_logs(root: str | os.PathLike, game: str, run: int | str) -> "_Loc":
+    """A run's `replay_logs` folder as the reader opens it (local path or fsspec URL): `.child(name)`, `.listdir()`,
+    `.open_gz(name, decoder)`; `str()` names it in messages."""
+    return _run_dir(root, game, run)
+
+
+def checkpoint_files(logs: "_Loc") -> dict[int, set[str]]:
+    """Checkpoint suffix -> the kinds of file present (observation, action, ..., add_count, invalid_range)."""
+    return _listing(logs)
+
+
+def load_checkpoint(logs: "_Loc", ckpt: int, kinds: set[str], decoder: str = "auto"):
+    """Read and check one checkpoint's small files: (validity: `.capacity`, `.add_count`, `.segments`; the valid
+    rows of action/reward/terminal, oldest first). Raises ReplayFormatError naming the file."""
+    return _load_small(logs, ckpt, kinds, resolve_decoder(decoder))
 
 
 def list_checkpoints(root: str | os.PathLike, game: str, run: int | str) -> list[int]:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jowa_data.errors import ReplayFormatError
-from jowa_data.io import atomic_path
+from jowa_common.errors import ReplayFormatError
+from jowa_common.io import atomic_path
 
 STORE_PREFIX = "$store$_"  # Dopamine's STORE_FILENAME_PREFIX
 STORE_NAMES = ("observation", "action", "reward", "terminal")

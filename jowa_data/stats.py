@@ -22,8 +22,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from jowa_data.actions import FULL_ACTIONS, NUM_FULL_ACTIONS, action_ids
-from jowa_data.errors import DatasetError
+from jowa_common.actions import FULL_ACTIONS, NUM_FULL_ACTIONS, action_ids
+from jowa_common.errors import DatasetError
 
 QUANTILES = (0.01, 0.10, 0.25, 0.50, 0.75, 0.90, 0.99)
 DEFAULT_STEP_CAP = 27_000  # Dopamine max_steps_per_episode (agent steps), batch_rl dqn.gin

@@ -30,8 +30,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from jowa_data.errors import ConfigError, DatasetError
-from jowa_data.io import atomic_path, atomic_write_json
+from jowa_common.errors import ConfigError, DatasetError
+from jowa_common.io import atomic_path, atomic_write_json
 from jowa_data.layout import EPISODES, PLAN, TOKENS_PER_FRAME, DatasetInfo, read_info
 
 CACHE_VERSION = 2  # 2: made only from verified files and tied to their checksums (v1 caches are rebuilt)
@@ -200,7 +200,7 @@ def load_cache(dataset_dir: str | Path, backend: str = "zarr", cache_dir: str | 
     """Memory-map the flat cache of `dataset_dir`. It is (re)made, under a lock that other ranks wait on, when
     missing, of another version, or when the dataset's files changed since it was made; making it verifies
     every data file's sha256, so a damaged dataset is refused with the file named, never decoded into zeros."""
-    from jowa_data.io import folder_lock
+    from jowa_common.io import folder_lock
 
     d = Path(dataset_dir)
     info = read_info(d)
@@ -451,7 +451,7 @@ class FrameSegmentStream(SegmentStream):
 
 def load_frames_cache(dataset_dir: str | Path, cache_dir: Path) -> np.ndarray:
     """(N, 84, 84) uint8 memmap of the dataset's frames, in the dataset's row order (built on first use)."""
-    from jowa_data.build import _read_task_frames
+    from jowa_data.build import read_task_frames
 
     d = Path(dataset_dir)
     info = read_info(d)
@@ -466,7 +466,7 @@ def load_frames_cache(dataset_dir: str | Path, cache_dir: Path) -> np.ndarray:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, 84, 84))
         i = 0
         for t in sorted(plan["tasks"], key=lambda t: (t["game"], t["key"])):
-            frames = _read_task_frames({**t, "replay_root": plan["replay_root"]})[0]
+            frames = read_task_frames({**t, "replay_root": plan["replay_root"]})[0]
             mm[i:i + len(frames)] = frames
             i += len(frames)
         mm.flush()

@@ -36,8 +36,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jowa_data.errors import ConfigError, DatasetError
-from jowa_data.io import atomic_path, sha256_bytes, sha256_file
+from jowa_common.errors import ConfigError, DatasetError
+from jowa_common.io import atomic_path, sha256_bytes, sha256_file
 from jowa_data.manifest import DataSelection, GameManifest, manifest_to_dict
 
 INDEX_FORMAT = "jowa-episode-index"

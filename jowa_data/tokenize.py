@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from jowa_data.errors import CheckpointError
+from jowa_common.errors import CheckpointError
 from jowa_data.layout import TOKENS_PER_FRAME, VOCAB_SIZE
 
 PRECISIONS = ("fp32", "bf16")

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from jowa_data.errors import JowaError
-from jowa_data.io import sha256_bytes, sha256_file
+from jowa_common.errors import JowaError
+from jowa_common.io import sha256_bytes, sha256_file
 from jowa_data.layout import EPISODES, FILES, INFO, STATS, read_info
 
 
 def validate_dataset(dataset_dir: str | Path, checksums: bool = True) -> list[str]:
     """All problems found, each naming the file; [] = valid. Raises only if info.json itself is unusable."""
-    from jowa_data.actions import action_mask
+    from jowa_common.actions import action_mask
     from jowa_data.backends import get_backend
 
     d = Path(dataset_dir)

@@ -17,10 +17,10 @@ from typing import Callable
 
 import numpy as np
 
-from jowa_data.errors import JowaError, ManifestError
+from jowa_common.errors import JowaError, ManifestError
 from jowa_data.npy_stream import check_end, check_header, iter_chunks, read_header, resolve_decoder
-from jowa_data.replay import (FRAME_SHAPE, REQUIRED_KINDS, _listing, _load_small, _run_dir, file_name,
-                              inspect_run, list_games, list_runs)
+from jowa_data.replay import (FRAME_SHAPE, REQUIRED_KINDS, checkpoint_files, file_name, inspect_run, list_games,
+                              list_runs, load_checkpoint, run_logs)
 
 
 def is_replay_root(path: str | os.PathLike) -> bool:
@@ -66,7 +66,7 @@ def validate_replay_root(root: str | os.PathLike, registry=None, observations: b
     for game in games:
         runs = list_runs(root, game)
         if not runs:
-            problems.append(f"{_run_dir(root, game, '*')}: no run folders with replay_logs")
+            problems.append(f"{run_logs(root, game, '*')}: no run folders with replay_logs")
             continue
         try:
             n_actions = registry.get(game).num_actions
@@ -75,8 +75,8 @@ def validate_replay_root(root: str | os.PathLike, registry=None, observations: b
             problems.append(f"{root}/{game}: no manifest for game {game!r}; its action ids were not checked "
                             "(`jowa-data manifests` lists the known games)")
         for run in runs:
-            logs = _run_dir(root, game, run)
-            listing = _listing(logs)
+            logs = run_logs(root, game, run)
+            listing = checkpoint_files(logs)
             if not listing:
                 problems.append(f"{logs}: no DQN-Replay checkpoint files (*_ckpt.N.gz)")
                 continue
@@ -90,7 +90,7 @@ def validate_replay_root(root: str | os.PathLike, registry=None, observations: b
                     intact = False
                     continue
                 try:
-                    info, valid = _load_small(logs, ckpt, listing[ckpt], decoder)
+                    info, valid = load_checkpoint(logs, ckpt, listing[ckpt], decoder)
                 except JowaError as e:
                     problems.append(str(e))
                     intact = False

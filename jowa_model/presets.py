@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from jowa_data.errors import ConfigError
+from jowa_common.errors import ConfigError
 from jowa_model.world_action import WorldActionConfig
 
 

@@ -7,14 +7,11 @@ Atari frames are small (1x84x84), hence GroupNorm with 2 groups and the /7 then 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from jowa_model.tokenizer import TokenizerConfig
+from jowa_model.tokenizer_config import TokenizerConfig
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:

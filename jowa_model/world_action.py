@@ -37,17 +37,13 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jowa_data.actions import FULL_ACTIONS
-from jowa_data.errors import ConfigError
-
-if TYPE_CHECKING:
-    from jowa_data.manifest import ManifestRegistry
+from jowa_common.actions import FULL_ACTIONS
+from jowa_common.errors import ConfigError
 
 NUM_TASKS = 60  # the official alphabetical 60-game list (Breakout = 13)
 
@@ -529,12 +525,6 @@ class WorldActionModel(nn.Module):
         seq = torch.cat([tokens, actions.unsqueeze(-1)], dim=-1).view(B, L * (K + 1))  # (B, L*37)
         return self.backbone(seq, task_ids).view(B, L, K + 1, -1)
 
-    def compute_loss(self, batch, stage: int = 2, loss_cfg=None):
-        """Losses of one batch (see jowa_model.losses.compute_loss): a `LossTerms`."""
-        from jowa_model.losses import compute_loss
-
-        return compute_loss(self, batch, loss_cfg, stage)
-
     # ------------------------------------------------------------------ KV cache (planning)
 
     def init_cache(self, batch: int, max_tokens: int | None = None, dtype: torch.dtype | None = None,
@@ -730,13 +720,3 @@ def expected_q(probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     """E[Z] = sum_z p(z) z over the last dim, in fp32 (a matmul would run in bf16 under autocast and blur
     near-equal Q values: 10.31 vs 10.3125)."""
     return (probs.float() * support.float()).sum(-1)
-
-
-def action_masks_from_manifests(registry: "ManifestRegistry", num_tasks: int = NUM_TASKS) -> torch.Tensor:
-    """(num_tasks, 18) bool valid-action table from the game manifests; tasks without a manifest allow all 18."""
-    masks = torch.ones(num_tasks, len(FULL_ACTIONS), dtype=torch.bool)
-    for m in registry:
-        if m.task_id >= num_tasks:
-            raise ConfigError(f"{m.path}: task_id {m.task_id} >= model.num_tasks {num_tasks}")
-        masks[m.task_id] = torch.from_numpy(m.action_mask)
-    return masks

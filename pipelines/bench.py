@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from jowa_data.config import apply_overrides, config_to_dict
-from jowa_data.errors import ConfigError, JowaError
+from jowa_common.config import apply_overrides, config_to_dict
+from jowa_common.errors import ConfigError, JowaError
 
 SECTIONS = ("read", "record", "build", "stream", "train", "tokenizer", "plan")
 SIZES = ("tiny", "quick", "full")

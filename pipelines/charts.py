@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from jowa_data.io import atomic_path
+from jowa_common.io import atomic_path
 
 
 def _pyplot():

@@ -25,7 +25,7 @@ def _size_options(f):
 
 
 def _run_sections(sections: tuple[str, ...], size: str, full: bool, sets: tuple[str, ...], as_json: bool) -> None:
-    from jowa_data.config import parse_set_args
+    from jowa_common.config import parse_set_args
     from pipelines.bench import bench_config, render_table, run_bench
 
     cfg = bench_config("full" if full else size, parse_set_args(sets) if sets else None)
@@ -60,7 +60,7 @@ def bench(ctx: click.Context, size, full, sets, as_json) -> None:
 @_size_options
 def all_cmd(only, skip, size, full, sets, as_json) -> None:
     """Every benchmark in one process: read, record, build, stream, train, tokenizer, plan."""
-    from jowa_data.errors import ConfigError
+    from jowa_common.errors import ConfigError
     from pipelines.bench import SECTIONS
 
     picked = [s for s in only.split(",") if s] or list(SECTIONS)
@@ -104,7 +104,7 @@ for _name, _doc in (
 @manifests_option
 def plan_cmd(ckpt, preset, game, reps, warmup, bf16, no_encode, threads, as_json, manifest_dirs) -> None:
     """Decisions/s of greedy, beam (H=2, K=2/3/4) and MCTS (20 simulations) for one model, 8-step context."""
-    from jowa_data.errors import ConfigError
+    from jowa_common.errors import ConfigError
     from jowa_model.presets import PRESETS
     from pipelines.bench_plan import BenchPlanConfig, bench_plan
 
@@ -150,7 +150,7 @@ def learn_cmd(out: str, config_file: str | None, sets: tuple[str, ...], as_json:
     """Does the agent beat the data it was trained on? Record mixed-quality data with heuristic controllers,
     train tokenizer + one multi-game model, evaluate on the real emulator beside random play and the data's own
     return (95% CIs), with world-model and tokenizer metrics against their baselines. Resumable; ~1 h on 2 cores."""
-    from jowa_data.config import resolve_config
+    from jowa_common.config import resolve_config
     from pipelines.learn import LearnConfig, render_report, run_learn
 
     cfg = resolve_config(LearnConfig(), config_file, sets)

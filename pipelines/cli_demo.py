@@ -15,7 +15,7 @@ def demo_cmd(out: str, config_file: str | None, sets: tuple[str, ...], as_json: 
     """Record real Atari data → build token shards → train tokenizer and a tiny world-action model →
     evaluate greedy and with planning → fine-tune on a held-out game → print one summary."""
     from jowa_data.cli_util import echo_json, stdout_console
-    from jowa_data.config import resolve_config
+    from jowa_common.config import resolve_config
     from pipelines.demo import DemoConfig, render_summary, run_demo
 
     cfg = resolve_config(DemoConfig(), config_file, sets)

@@ -53,7 +53,7 @@ def eval_cmd(args, tokenizer, games, episodes, planner, horizon, beam_width, his
     """
     from pathlib import Path
 
-    from jowa_data.errors import CheckpointError, ConfigError
+    from jowa_common.errors import CheckpointError, ConfigError
     from pipelines.evaluate import EvalConfig, evaluate
 
     if threads is not None:

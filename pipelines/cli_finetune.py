@@ -32,7 +32,7 @@ def finetune_cmd(checkpoint, game, tokenizer, dataset, replay_root, out, preset,
                  config_file, sets, stop_after, manifest_dirs, as_json):
     """Fine-tune CHECKPOINT on GAME with its own task id and valid actions, planning-based synthetic data,
     and evaluations on the real emulator; keeps OUT/best.pt (best mean return) and OUT/report.json."""
-    from jowa_data.config import apply_overrides, resolve_config
+    from jowa_common.config import apply_overrides, resolve_config
     from pipelines.finetune import finetune, finetune_preset
 
     if not dataset and not replay_root:

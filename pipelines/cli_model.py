@@ -26,7 +26,7 @@ def info_cmd(name: str, sets: tuple[str, ...], as_json: bool) -> None:
     """
     import torch
 
-    from jowa_data.config import config_to_dict, resolve_config
+    from jowa_common.config import config_to_dict, resolve_config
     from jowa_model.presets import model_preset
     from jowa_model.world_action import WorldActionModel
 

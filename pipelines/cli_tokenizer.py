@@ -47,7 +47,7 @@ def train_cmd(out: str, preset: str, config_file: str | None, sets: tuple[str, .
               index: str | None, replay_root: str | None, games: tuple[str, ...], resume: bool, no_progress: bool,
               as_json: bool) -> None:
     """Train (or --resume) a tokenizer on replay frames."""
-    from jowa_data.config import resolve_config
+    from jowa_common.config import resolve_config
     from pipelines.train_tokenizer import train_preset, train_tokenizer
 
     _setup_logging()
@@ -79,7 +79,7 @@ def recon_cmd(ckpt: str, frames: str, count: int, start: int, stride: int, png: 
     """Write a PNG of originals (top) vs reconstructions (bottom) for CKPT (tokenizer.pt or checkpoint.pt)."""
     import numpy as np
 
-    from jowa_data.errors import DatasetError
+    from jowa_common.errors import DatasetError
     from jowa_model.tokenizer import load_tokenizer
     from pipelines.frames import open_frames
     from pipelines.train_tokenizer import write_recon_png
@@ -103,7 +103,7 @@ def recon_cmd(ckpt: str, frames: str, count: int, start: int, stride: int, png: 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def info_cmd(ckpt: str | None, preset: str, as_json: bool) -> None:
     """Parameter counts (vs the official ~4.05M tokenizer), tokens per frame, vocabulary, checksum."""
-    from jowa_data.config import config_to_dict
+    from jowa_common.config import config_to_dict
     from jowa_model.tokenizer import Tokenizer, load_tokenizer, tokenizer_checksum, tokenizer_preset
 
     tok = load_tokenizer(ckpt) if ckpt else Tokenizer(tokenizer_preset(preset))

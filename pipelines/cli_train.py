@@ -12,7 +12,7 @@ PRESETS = ("tiny", "40M", "70M", "150M")
 
 
 def resolve_train_config(preset_or_file: str, config_file: str | None, sets: tuple[str, ...]):
-    from jowa_data.config import load_override_file, resolve_config, apply_overrides
+    from jowa_common.config import load_override_file, resolve_config, apply_overrides
     from pipelines.pretrain import PretrainConfig, train_preset
 
     if preset_or_file in PRESETS:
@@ -43,7 +43,7 @@ def train_cmd(preset_or_config, dataset, eval_data, tokenizer, out, config_file,
     data.batch_size is the GLOBAL batch: under `torchrun --nproc_per_node N` each rank gets batch_size / N
     segments and DDP averages the gradients (the same update as one process on the whole batch).
     """
-    from jowa_data.config import apply_overrides
+    from jowa_common.config import apply_overrides
     from pipelines.pretrain import pretrain
 
     cfg = resolve_train_config(preset_or_config, config_file, sets)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jowa_data.config import apply_overrides, config_to_dict
-from jowa_data.io import atomic_write_json
+from jowa_common.config import apply_overrides, config_to_dict
+from jowa_common.io import atomic_write_json
 from pipelines.learn import LearnConfig, LearnPaths, render_report, run_learn
 
 

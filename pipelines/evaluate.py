@@ -34,10 +34,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from jowa_data.actions import full_to_minimal_table
-from jowa_data.config import config_to_dict
-from jowa_data.errors import ConfigError
-from jowa_data.io import atomic_write_json, sha256_file
+from jowa_common.actions import full_to_minimal_table
+from jowa_common.config import config_to_dict
+from jowa_common.errors import ConfigError
+from jowa_common.io import atomic_write_json, sha256_file
 from jowa_data.manifest import GameManifest
 from jowa_model.planner import Planner, PlannerConfig, WorldModelImagination
 from pipelines.scores import sample_std
@@ -416,7 +416,7 @@ def evaluate(checkpoint_or_model, tokenizer, games: Sequence[str | GameManifest]
     With `resume`, games already in `out` for the same checkpoint, tokenizer and settings are kept."""
     if out is None:
         return _evaluate(checkpoint_or_model, tokenizer, games, cfg, None, progress, resume)
-    from jowa_data.io import lock_file
+    from jowa_common.io import lock_file
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

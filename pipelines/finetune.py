@@ -42,9 +42,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from jowa_data.config import config_to_dict
-from jowa_data.errors import CheckpointError, ConfigError, DatasetError
-from jowa_data.io import atomic_write_json, safe_torch_load
+from jowa_common.config import config_to_dict
+from jowa_common.errors import CheckpointError, ConfigError, DatasetError
+from jowa_common.io import atomic_write_json, safe_torch_load
 from jowa_data.manifest import GameManifest
 from jowa_model.checkpoint import FORMAT, load_world_action, model_state, save_world_action
 from jowa_model.losses import LossConfig, compute_loss, td_targets_mask
@@ -381,7 +381,7 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Path, stop_
 
     `stop_after` ends the run at that step (after checkpointing), e.g. to test resume.
     """
-    from jowa_data.io import folder_lock, remove_stale_temps
+    from jowa_common.io import folder_lock, remove_stale_temps
 
     with folder_lock(out, "jowa finetune"):
         remove_stale_temps(out)
@@ -478,7 +478,7 @@ def _finetune(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Path, stop
         st = {"step": s, "config": json.dumps(cfg_dict), "stream": stream.state_dict(),
               "sampler": sampler.state_dict() if sampler is not None else None, "rng": rng_state(device),
               "evals": evals, "imagined_total": imagined_total}
-        from jowa_data.io import atomic_torch_save
+        from jowa_common.io import atomic_torch_save
 
         atomic_torch_save(model_state(model) | {"optimizer": opt.state_dict(), "finetune": st}, run.ckpt_path(s))
         run.prune(cfg.keep_ckpts)

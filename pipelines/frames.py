@@ -14,8 +14,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jowa_data.errors import DatasetError, ReplayFormatError
-from jowa_data.io import atomic_path, atomic_write_json
+from jowa_common.errors import DatasetError, ReplayFormatError
+from jowa_common.io import atomic_path, atomic_write_json
 
 FRAME_SHAPE = (84, 84)
 

@@ -32,8 +32,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jowa_data.config import apply_overrides, config_to_dict
-from jowa_data.io import atomic_write_json
+from jowa_common.config import apply_overrides, config_to_dict
+from jowa_common.io import atomic_write_json
 from pipelines.scores import bootstrap_ci, sample_std
 
 RETURN_KINDS = ("random", "data", "greedy", "beam")

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from jowa_data.config import config_from_dict, config_to_dict
-from jowa_data.errors import CheckpointError, ConfigError
-from jowa_data.io import atomic_torch_save, atomic_write_json, safe_torch_load
+from jowa_common.config import config_from_dict, config_to_dict
+from jowa_common.errors import CheckpointError, ConfigError
+from jowa_common.io import atomic_torch_save, atomic_write_json, safe_torch_load
 from jowa_model.checkpoint import FORMAT, model_state
 from jowa_model.losses import LossConfig, compute_loss, term_counts
 from jowa_model.presets import model_preset
-from jowa_model.world_action import WorldActionConfig, WorldActionModel, action_masks_from_manifests
+from jowa_model.world_action import WorldActionConfig, WorldActionModel
 from pipelines.dist import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
 from pipelines.heldout import heldout_eval, world_accuracy
 from pipelines.train_core import (MetricsLog, OptimConfig, Progress, RunFiles, autocast_ctx, endless,
@@ -184,7 +184,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, stop_after: int | None = None
         raise ConfigError("data.dataset is not set: give the folder written by `jowa-data build`")
     import contextlib
 
-    from jowa_data.io import folder_lock, remove_stale_temps
+    from jowa_common.io import folder_lock, remove_stale_temps
 
     info = init_distributed(cfg.device)
     try:
@@ -199,7 +199,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, stop_after: int | None = None
 
 def _pretrain(cfg: PretrainConfig, run: RunFiles, info: DistInfo, stop_after: int | None,
               on_step: Callable[[int, dict], None] | None) -> dict[str, Any]:
-    from jowa_data.manifest import load_manifests
+    from jowa_data.manifest import action_mask_table, load_manifests
     from jowa_data.stream import SegmentStream
 
     if cfg.data.batch_size % info.world_size:
@@ -210,8 +210,8 @@ def _pretrain(cfg: PretrainConfig, run: RunFiles, info: DistInfo, stop_after: in
 
     torch.manual_seed(cfg.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
     model = WorldActionModel(cfg.model)
-    model.set_action_masks(action_masks_from_manifests(load_manifests(list(cfg.manifests) or None),
-                                                       cfg.model.num_tasks))
+    model.set_action_masks(torch.from_numpy(action_mask_table(load_manifests(list(cfg.manifests) or None),
+                                                              cfg.model.num_tasks)))
     model.to(device)
     torch.manual_seed(cfg.seed + 1000 * info.rank)  # dropout masks differ across ranks
     stream = SegmentStream(cfg.data.dataset, batch_size=per_rank, seq_len=cfg.data.seq_len, seed=cfg.seed,

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from jowa_data.errors import JowaError, ManifestError
+from jowa_common.errors import JowaError, ManifestError
 from jowa_data.manifest import GameManifest, ManifestRegistry
 
 RAW_FORMAT = "jowa-raw-scores-v1"  # format tag of the raw-score JSON written by `jowa eval`

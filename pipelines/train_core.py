@@ -17,8 +17,8 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from jowa_data.errors import ConfigError
-from jowa_data.io import atomic_write_text
+from jowa_common.errors import ConfigError
+from jowa_common.io import atomic_write_text
 from jowa_model.world_action import WorldActionModel, drop_packed_weights
 
 

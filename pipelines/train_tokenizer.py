@@ -29,9 +29,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from jowa_data.config import config_from_dict, config_to_dict
-from jowa_data.errors import CheckpointError, ConfigError
-from jowa_data.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
+from jowa_common.config import config_from_dict, config_to_dict
+from jowa_common.errors import CheckpointError, ConfigError
+from jowa_common.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
 from jowa_model.tokenizer import (CodebookMonitor, Tokenizer, TokenizerConfig, save_tokenizer, tokenizer_from_dict,
                                   tokenizer_preset, tokenizer_to_dict)
 from pipelines.frames import FrameSampler, frame_backgrounds, gather, materialize_frames, open_frames
@@ -169,7 +169,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, out: str | Path, *, frames: str |
 
     Returns a summary: steps, first/last logged metrics, frames/s, paths of tokenizer.pt and the last PNG.
     """
-    from jowa_data.io import folder_lock, remove_stale_temps
+    from jowa_common.io import folder_lock, remove_stale_temps
 
     with folder_lock(out, "jowa tokenizer train"):
         remove_stale_temps(out)

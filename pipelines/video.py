@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jowa_data.errors import ConfigError
-from jowa_data.io import atomic_path
+from jowa_common.errors import ConfigError
+from jowa_common.io import atomic_path
 
 FORMATS = ("gif", "mp4")
 REAL_TIME_FPS = 15.0  # agent steps per second of game time: 60 Hz / frame skip 4

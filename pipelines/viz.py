@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jowa_data.io import atomic_path
+from jowa_common.io import atomic_path
 
 
 def _save_png(img, path: str | Path) -> Path:

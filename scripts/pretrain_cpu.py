@@ -39,9 +39,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from jowa_data.config import apply_overrides
-from jowa_data.errors import JowaError
-from jowa_data.io import atomic_write_json
+from jowa_common.config import apply_overrides
+from jowa_common.errors import JowaError
+from jowa_common.io import atomic_write_json
 
 EVAL_RESERVE_S = 45.0  # seconds kept back for the final held-out evaluation, checkpoint and report
 SAFETY = 0.85  # fraction of the measured step budget actually planned (machine load varies)

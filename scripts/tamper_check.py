@@ -68,7 +68,7 @@ def plant(tar: Path, member: str, payload: bytes) -> None:
 
 
 def forge(d: Path, tar: Path) -> None:
-    from jowa_data.io import sha256_bytes, sha256_file
+    from jowa_common.io import sha256_bytes, sha256_file
 
     files = json.loads((d / "files.json").read_text())
     files[str(tar.relative_to(d))] = {"bytes": tar.stat().st_size, "sha256": sha256_file(tar)}
@@ -193,7 +193,7 @@ def cases(work: Path) -> list[tuple]:
                  f"removed ({len(left)} left); " + same(d)))
 
     d = copy("lock")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from jowa_data.io import folder_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from jowa_common.io import folder_lock\n"
                                f"with folder_lock({str(d)!r}, 'jowa-data build'):\n print('x', flush=True)\n"
                                " time.sleep(300)"], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
     holder.stdout.readline()

@@ -93,7 +93,7 @@ class TrainedTokenizer:
 
 @pytest.fixture(scope="session")
 def trained_tokenizer(tmp_path_factory, atari_frames_npy) -> TrainedTokenizer:
-    from jowa_data.config import apply_overrides
+    from jowa_common.config import apply_overrides
     from pipelines.train_tokenizer import train_preset, train_tokenizer
 
     cfg = apply_overrides(train_preset("tiny"), FIXTURE_TRAIN_SETS)

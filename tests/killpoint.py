@@ -3,7 +3,7 @@ i.e. while that temp file is complete on disk under its temp name and the final 
 
     python -m tests.killpoint REGEX N jowa_data.cli|pipelines.cli ARGS...
 
-Every file jowa publishes goes through `os.replace(temp, final)` (jowa_data.io.atomic_path, the zarr task
+Every file jowa publishes goes through `os.replace(temp, final)` (jowa_common.io.atomic_path, the zarr task
 folder), so this reaches every temp-file window without touching jowa's code: only `os.replace` of this child
 process is wrapped, and the kill is a real SIGKILL from the kernel.
 """

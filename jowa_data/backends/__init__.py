@@ -7,7 +7,7 @@ place, and both read a task back. `get_backend(name)` imports the backend lazily
 from __future__ import annotations
 
 from jowa_data.backends.base import Backend, TaskArrays
-from jowa_data.errors import DatasetError
+from jowa_common.errors import DatasetError
 
 
 def get_backend(name: str) -> Backend:

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from jowa_data.errors import DatasetError
+from jowa_common.errors import DatasetError
 from jowa_data.layout import DTYPES, TOKENS_PER_FRAME
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from jowa_data.backends.base import TaskArrays
-from jowa_data.errors import DatasetError
-from jowa_data.io import atomic_path
+from jowa_common.errors import DatasetError
+from jowa_common.io import atomic_path
 from jowa_data.layout import DTYPES, FIELDS, wds_tar_name
 
 SAMPLE_ROWS = 4096  # transitions per webdataset sample

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from jowa_data.backends.base import TaskArrays
-from jowa_data.errors import DatasetError
+from jowa_common.errors import DatasetError
 from jowa_data.layout import DTYPES, FIELDS, TMP_DIR, TOKENS_PER_FRAME, zarr_task_dir
 
 CHUNK_ROWS = 8192  # inner chunk (rows); 8192 x 36 x 2 B = 576 KiB raw
@@ -31,7 +31,7 @@ def _group_json() -> bytes:
 
 def ensure_groups(dataset_dir: Path, games: list[str]) -> None:
     """Create the root and per-game group metadata once, before tasks run (tasks only add children)."""
-    from jowa_data.io import atomic_write_bytes
+    from jowa_common.io import atomic_write_bytes
 
     for p in [Path(dataset_dir) / "zarr"] + [Path(dataset_dir) / "zarr" / g for g in games]:
         if not (p / "zarr.json").is_file():

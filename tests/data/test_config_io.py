@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from jowa_data.config import apply_overrides, config_to_dict, load_override_file, parse_set_args, resolve_config
-from jowa_data.errors import CheckpointError, ConfigError
-from jowa_data.io import atomic_path, atomic_torch_save, atomic_write_json, safe_torch_load, sha256_file
+from jowa_common.config import apply_overrides, config_to_dict, load_override_file, parse_set_args, resolve_config
+from jowa_common.errors import CheckpointError, ConfigError
+from jowa_common.io import atomic_path, atomic_torch_save, atomic_write_json, safe_torch_load, sha256_file
 
 
 @dataclass

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from jowa_data.cli import main
-from jowa_data.errors import DatasetError
+from jowa_common.errors import DatasetError
 from tests.data.test_build import build_args, make_tokenizer, tree_bytes
 
 
@@ -141,7 +141,7 @@ def test_stale_temp_files_of_a_killed_build_are_removed(ds, pristine, recorded_r
 
 
 def test_one_builder_per_folder_and_a_dead_holder_is_taken_over(ds, recorded_replay, tokenizer_ckpt, tmp_path):
-    from jowa_data.io import folder_lock
+    from jowa_common.io import folder_lock
 
     with folder_lock(ds, "test"):
         r = _rebuild(recorded_replay, tokenizer_ckpt, ds)
@@ -151,7 +151,7 @@ def test_one_builder_per_folder_and_a_dead_holder_is_taken_over(ds, recorded_rep
 
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from jowa_data.io import folder_lock
+        from jowa_common.io import folder_lock
         with folder_lock({str(ds)!r}, "build"):
             print("locked", flush=True)
             time.sleep(600)

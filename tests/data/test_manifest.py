@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from jowa_data import actions as A
+from jowa_common import actions as A
 from jowa_data.cli import main as cli
-from jowa_data.errors import ManifestError
+from jowa_common.errors import ManifestError
 from jowa_data.manifest import load_manifest, load_manifests
 from tests.fixtures_data import BOWLING_TOML
 

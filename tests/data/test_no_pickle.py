@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from jowa_data.backends.wds_backend import decode_sample
 from jowa_data.cli import main as data_cli
-from jowa_data.errors import DatasetError
+from jowa_common.errors import DatasetError
 from jowa_data.stream import SegmentStream
 from jowa_data.validate import validate_dataset
 from pipelines.cli import main as cli
@@ -62,7 +62,7 @@ def test_validate_refuses_and_nothing_runs(poisoned):
 
 def forge_checksums(d: Path, tar: Path) -> None:
     """What an attacker who also rewrites the metadata does: files.json and info.json made to match the tar."""
-    from jowa_data.io import sha256_bytes, sha256_file
+    from jowa_common.io import sha256_bytes, sha256_file
 
     files = json.loads((d / "files.json").read_text())
     files[str(tar.relative_to(d))] = {"bytes": tar.stat().st_size, "sha256": sha256_file(tar)}

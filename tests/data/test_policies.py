@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jowa_data.atari import AtariConfig, AtariEnv
-from jowa_data.errors import ConfigError
+from jowa_common.errors import ConfigError
 from jowa_data.manifest import load_manifests
 from jowa_data.policies import CONTROLLERS, EpsilonSchedule, make_policy, random_policy
 from jowa_data.record import record

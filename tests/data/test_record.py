@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from jowa_data import replay_writer as W
 from jowa_data.atari import AtariConfig, AtariEnv
 from jowa_data.cli import main as cli
-from jowa_data.errors import ConfigError, ManifestError
+from jowa_common.errors import ConfigError, ManifestError
 from jowa_data.manifest import load_manifests, parse_manifest
 from jowa_data.policies import make_policy
 from jowa_data.record import record

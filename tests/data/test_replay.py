@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from jowa_data import replay
-from jowa_data.errors import ReplayFormatError
+from jowa_common.errors import ReplayFormatError
 from jowa_data.npy_stream import available_decoders
 from jowa_data.replay_writer import ReplayLogger, replay_dir
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jowa_data import replay_writer as W
-from jowa_data.errors import ReplayFormatError
+from jowa_common.errors import ReplayFormatError
 
 
 def load(d, name, suffix):

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from jowa_data.actions import FULL_ACTIONS
+from jowa_common.actions import FULL_ACTIONS
 from jowa_data.cli import main as cli
-from jowa_data.errors import DatasetError
+from jowa_common.errors import DatasetError
 from jowa_data.manifest import load_manifests
 from jowa_data.replay import EpisodeRef
 from jowa_data.stats import (PartialStats, distribution, merge, partial_from_episodes, replay_stats, summarize,

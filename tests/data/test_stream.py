@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jowa_data.build import EpisodeArrays, write_dataset
-from jowa_data.errors import ConfigError
+from jowa_common.errors import ConfigError
 from jowa_data.manifest import load_manifests
 from jowa_data.stream import SegmentStream, epoch_order, segment_index
 
@@ -156,7 +156,7 @@ def test_dataloader_workers_give_the_same_batches_in_order(ds):
 
 
 def test_missing_backend_is_a_clear_error(tmp_path):
-    from jowa_data.errors import DatasetError
+    from jowa_common.errors import DatasetError
 
     reg = load_manifests()
     d = tmp_path / "ds"

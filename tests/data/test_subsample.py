@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from jowa_data.cli import main as cli
-from jowa_data.errors import ConfigError, DatasetError
+from jowa_common.errors import ConfigError, DatasetError
 from jowa_data.manifest import load_manifests
 from jowa_data.replay_writer import ReplayLogger
 from jowa_data.subsample import (SubsampleOptions, build_index, choose_runs, draw_episodes, game_seed_sequences,
@@ -276,7 +276,7 @@ def test_read_index_rejects_bad_files(tmp_path: Path):
 def test_checkpoints_without_a_complete_episode_say_so(recorded_replay):
     """The final log of the fixture run holds only the cut last episode: selecting it alone is an error that
     says why, not an empty selection."""
-    from jowa_data.errors import DatasetError
+    from jowa_common.errors import DatasetError
     from jowa_data.manifest import load_manifests
     from jowa_data.subsample import SubsampleOptions, build_index
 

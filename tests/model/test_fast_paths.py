@@ -194,7 +194,7 @@ def test_rolling_greedy_equals_greedy_on_its_own_window(keep):
 
 
 def test_rolling_greedy_bad_keep_is_a_config_error():
-    from jowa_data.errors import ConfigError
+    from jowa_common.errors import ConfigError
     from jowa_model.planner import RollingGreedy
 
     with pytest.raises(ConfigError, match="keep"):

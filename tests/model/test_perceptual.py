@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jowa_data.errors import CheckpointError
+from jowa_common.errors import CheckpointError
 from jowa_model.perceptual import (PerceptualError, build_perceptual, default_vgg_weights, export_lpips_vgg,
                                    load_lpips_vgg, load_numpy_pickle)
 from jowa_model.tokenizer import Tokenizer, tokenizer_preset

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from jowa_data.errors import ConfigError
+from jowa_common.errors import ConfigError
 from jowa_model.planner import (
     Imagined, Planner, PlannerConfig, beam_search, greedy_actions, mcts_search,
 )

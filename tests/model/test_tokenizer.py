@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from jowa_data.errors import CheckpointError, ConfigError
-from jowa_data.io import atomic_torch_save, sha256_file
+from jowa_common.errors import CheckpointError, ConfigError
+from jowa_common.io import atomic_torch_save, sha256_file
 from jowa_model.tokenizer import (CodebookMonitor, Tokenizer, TokenizerConfig, codebook_stats, load_official_tokenizer,
                                   load_tokenizer, save_tokenizer, tokenizer_checksum, tokenizer_preset)
 from pipelines.train_tokenizer import restart_dead_codes

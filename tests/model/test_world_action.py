@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from jowa_data.io import atomic_torch_save, safe_torch_load
-from jowa_data.manifest import load_manifests
+from jowa_common.io import atomic_torch_save, safe_torch_load
+from jowa_data.manifest import action_mask_table, load_manifests
 from jowa_model.presets import PRESETS, model_preset
-from jowa_model.world_action import (EnsembleQHead, WorldActionConfig, WorldActionModel, action_masks_from_manifests,
-                                     dropout)
+from jowa_model.world_action import EnsembleQHead, WorldActionConfig, WorldActionModel, dropout
 from pipelines.bench import _script
 from tests.fixtures_model import tiny_model, token_sequence
 
@@ -199,8 +198,8 @@ def test_param_groups_partition_trainable_params():
     assert id(m.blocks[0].attn.qkv.weight) in {id(p) for p in decay["params"]}
 
 
-def test_action_masks_from_manifests():
-    masks = action_masks_from_manifests(load_manifests())
+def test_action_mask_table_from_manifests():
+    masks = torch.from_numpy(action_mask_table(load_manifests(), 60))
     assert masks.shape == (60, 18)
     assert masks[6].tolist() == [a in (0, 1, 11, 12) for a in range(18)]  # Atlantis: NOOP FIRE RIGHTFIRE LEFTFIRE
     assert masks[0].all()  # a task without a manifest allows every action
@@ -223,7 +222,7 @@ def test_fast_dropout_keep_rate_and_scale():
 
 def test_state_dict_round_trip_is_exact(tmp_path):
     m = tiny_model()
-    m.set_action_masks(action_masks_from_manifests(load_manifests()))
+    m.set_action_masks(torch.from_numpy(action_mask_table(load_manifests(), m.cfg.num_tasks)))
     path = tmp_path / "wam.pt"
     atomic_torch_save(m.state_dict(), path)
     m2 = WorldActionModel(model_preset("tiny")).eval()
@@ -242,7 +241,7 @@ def test_mtbc_variant_has_no_world_heads():
 
 
 def test_config_validation():
-    from jowa_data.errors import ConfigError
+    from jowa_common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="embed_dim=60 is not divisible by model.num_heads=8"):
         WorldActionModel(WorldActionConfig(embed_dim=60, num_heads=8))

@@ -12,8 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from jowa_data.errors import ConfigError
-from jowa_data.io import sha256_file
+from jowa_common.errors import ConfigError
+from jowa_common.io import sha256_file
 from jowa_data.manifest import load_manifests
 from jowa_model.checkpoint import save_world_action
 from jowa_model.planner import Planner, PlannerConfig, WorldModelImagination

@@ -11,8 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from jowa_data.config import apply_overrides
-from jowa_data.errors import ConfigError, DatasetError
+from jowa_common.config import apply_overrides
+from jowa_common.errors import ConfigError, DatasetError
 from jowa_data.manifest import load_manifests
 from jowa_model.checkpoint import load_world_action
 from jowa_model.losses import LossConfig, compute_loss, td_targets_mask

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jowa_data.config import apply_overrides
+from jowa_common.config import apply_overrides
 from jowa_model.checkpoint import load_world_action
 from pipelines.pretrain import train_preset, pretrain
 from pipelines.viz import read_metrics
@@ -60,7 +60,7 @@ def _free_port() -> int:
 RANK_SCRIPT = r"""
 import json, os, sys, torch
 torch.set_num_threads(1)
-from jowa_data.config import config_from_dict
+from jowa_common.config import config_from_dict
 from pipelines.pretrain import PretrainConfig, pretrain
 import pipelines.pretrain as P
 cfg = config_from_dict(PretrainConfig, json.loads(sys.argv[1]))
@@ -78,7 +78,7 @@ torch.save(sd, os.path.join(sys.argv[3], f"params_rank{os.environ['RANK']}.pt"))
 
 @pytest.mark.multiproc
 def test_ddp_two_ranks_average_gradients(built_dataset, tmp_path):
-    from jowa_data.config import config_to_dict
+    from jowa_common.config import config_to_dict
 
     cfg = small_cfg(built_dataset.path, model={"dropout": 0.0, "q_dropout": 0.0}, stage1_steps=2, stage2_steps=3,
                     ckpt_every=100)
@@ -154,7 +154,7 @@ def test_resume_after_sigkill_continues_the_curve_exactly(built_dataset, tmp_pat
 
 
 def test_resume_with_other_shape_is_refused(built_dataset, tmp_path):
-    from jowa_data.errors import ConfigError
+    from jowa_common.errors import ConfigError
 
     pretrain(small_cfg(built_dataset.path, stage1_steps=1, stage2_steps=1), tmp_path / "r")
     with pytest.raises(ConfigError, match="data.batch_size"):

@@ -16,8 +16,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from jowa_data.config import apply_overrides, parse_set_args
-from jowa_data.errors import ConfigError, DatasetError
+from jowa_common.config import apply_overrides, parse_set_args
+from jowa_common.errors import ConfigError, DatasetError
 from jowa_model.tokenizer import load_tokenizer
 from pipelines.cli import main as jowa_main
 from pipelines.frames import FrameSampler, open_frames

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
 
-from jowa_data.errors import ConfigError
+from jowa_common.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from jowa_data.errors import CheckpointError
+from jowa_common.errors import CheckpointError
 
 PathLike = str | os.PathLike
 
@@ -159,7 +159,7 @@ def lock_file(path: PathLike, guarded: PathLike, what: str, wait: bool = False) 
     """The flock behind `folder_lock`, on any lock file (`guarded` is what the error message names)."""
     import fcntl
 
-    from jowa_data.errors import LockedError
+    from jowa_common.errors import LockedError
 
     path = Path(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
