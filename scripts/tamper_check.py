@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
-import json
 import os
 import pickle
 import shutil
@@ -24,19 +23,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the damage helpers are the test suite's (tests/tamper.py)
+from tests.tamper import Boom, forge_checksums, plant  # noqa: E402
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}  # no wrapped lines
 DATA = [sys.executable, "-m", "jowa_data.cli"]
 JOWA = [sys.executable, "-m", "pipelines.cli"]
-
-
-class Sentinel:
-    """Unpickling this creates a file: proof that code from the data ran."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def run(cmd: list[str], limit_bytes: int | None = None) -> tuple[int, str]:
@@ -58,25 +49,6 @@ def run(cmd: list[str], limit_bytes: int | None = None) -> tuple[int, str]:
 def tree(d: Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
             if p.is_file() and "_cache" not in p.parts and p.name != ".jowa.lock"}
-
-
-def plant(tar: Path, member: str, payload: bytes) -> None:
-    with tarfile.open(tar, "a") as tf:
-        ti = tarfile.TarInfo(member)
-        ti.size = len(payload)
-        tf.addfile(ti, io.BytesIO(payload))
-
-
-def forge(d: Path, tar: Path) -> None:
-    from jowa_common.io import sha256_bytes, sha256_file
-
-    files = json.loads((d / "files.json").read_text())
-    files[str(tar.relative_to(d))] = {"bytes": tar.stat().st_size, "sha256": sha256_file(tar)}
-    raw = (json.dumps(files, indent=1, sort_keys=True) + "\n").encode()
-    (d / "files.json").write_bytes(raw)
-    info = json.loads((d / "info.json").read_text())
-    info["files_checksum"] = sha256_bytes(raw)
-    (d / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def main() -> None:
@@ -133,7 +105,7 @@ def cases(work: Path) -> list[tuple]:
 
     rows = []
     sentinel = work / "ran.txt"
-    evil = pickle.dumps(Sentinel(str(sentinel)))
+    evil = pickle.dumps(Boom(str(sentinel)))
 
     d = copy("pyd")
     tar = sorted((d / "wds").rglob("*.tar"))[0]
@@ -146,7 +118,7 @@ def cases(work: Path) -> list[tuple]:
     rc, line = run(train(d, "wds"))
     rows.append(("the same", "jowa train tiny --data DS --set data.backend=wds", rc, line,
                  "code ran!" if sentinel.exists() else "nothing ran"))
-    forge(d, tar)
+    forge_checksums(d, tar)
     rc, line = run(train(d, "wds"))
     rows.append(("the same, files.json and info.json forged to match", "jowa train ... data.backend=wds", rc, line,
                  "code ran!" if sentinel.exists() else "nothing ran"))
@@ -212,7 +184,7 @@ def cases(work: Path) -> list[tuple]:
                  f"rerun: exit {rc2}; " + same(d)))
 
     bad = work / "bad.pt"
-    torch.save({"obj": Sentinel(str(sentinel))}, bad)
+    torch.save({"obj": Boom(str(sentinel))}, bad)
     rc, line = run([*JOWA, "eval", str(bad), "--tokenizer", str(tok), "--games", "Pong", "--episodes", "1"])
     rows.append(("a checkpoint holding a pickled object", "jowa eval bad.pt ...", rc, line,
                  "code ran!" if sentinel.exists() else "nothing ran"))
@@ -224,7 +196,7 @@ def cases(work: Path) -> list[tuple]:
     obs = logs / "$store$_observation_ckpt.1.gz"
     obs.write_bytes(obs.read_bytes()[: obs.stat().st_size // 2])
     buf = io.BytesIO()
-    np.save(buf, np.array([Sentinel(str(sentinel))] * 4, dtype=object), allow_pickle=True)
+    np.save(buf, np.array([Boom(str(sentinel))] * 4, dtype=object), allow_pickle=True)
     with gzip.open(logs / "$store$_reward_ckpt.0.gz", "wb") as f:
         f.write(buf.getvalue())
     rc, line = run([*DATA, "validate", str(r2)])

@@ -87,3 +87,46 @@ def bowling_manifest_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("manifests_bowling")
     (d / "Bowling.toml").write_text(BOWLING_TOML)
     return d
+
+
+# --- a built Pong dataset (both formats) of the recorded replay, with a fixed random tiny tokenizer ---------------
+
+def make_tokenizer(path: Path) -> Path:
+    """A tiny VQ-VAE with fixed random weights: real encode path, deterministic tokens."""
+    import torch
+
+    from jowa_model.tokenizer import Tokenizer, save_tokenizer, tokenizer_preset
+
+    torch.manual_seed(0)
+    return save_tokenizer(Tokenizer(tokenizer_preset("tiny")), path)
+
+
+def build_args(replay: Path, tok: Path, out: Path, *extra: str) -> list[str]:
+    """`jowa-data build` arguments of the fixture dataset: 300 Pong transitions in tasks of 150."""
+    return ["build", "Pong", "--replay", str(replay), "--tokenizer", str(tok), "--out", str(out),
+            "--checkpoints", "0-50", "--transitions", "300", "--seed", "0", "--task-transitions", "150",
+            "--allow-fewer-runs", *extra]
+
+
+def tree_bytes(d: Path) -> dict[str, bytes]:
+    """Every file of a dataset (the stream's _cache and the folder lock, which holds a pid, excluded)."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and "_cache" not in p.relative_to(d).parts and p.name != ".jowa.lock"}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_ckpt(tmp_path_factory) -> Path:
+    return make_tokenizer(tmp_path_factory.mktemp("tok") / "tok.pt")
+
+
+@pytest.fixture(scope="session")
+def built(recorded_replay, tokenizer_ckpt, tmp_path_factory) -> Path:
+    """The fixture dataset, built once with the real CLI (zarr + wds). Tests that damage it work on a copy."""
+    from click.testing import CliRunner
+
+    from jowa_data.cli import main
+
+    out = tmp_path_factory.mktemp("built") / "ds"
+    r = CliRunner().invoke(main, build_args(recorded_replay.root, tokenizer_ckpt, out, "--format", "both", "--json"))
+    assert r.exit_code == 0, r.output
+    return out

@@ -36,3 +36,14 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def run_killed(pattern: str, nth: int, module: str, args: list[str], timeout: int = 300):
+    """Run `module ARGS` (jowa_data.cli or pipelines.cli) in a child that is SIGKILLed just before the `nth` rename
+    of a temp file matching `pattern`; returns the CompletedProcess (returncode -SIGKILL when the kill happened)."""
+    import subprocess
+    from pathlib import Path
+
+    return subprocess.run([sys.executable, "-m", "tests.killpoint", pattern, str(nth), module, *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})

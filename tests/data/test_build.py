@@ -3,49 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from click.testing import CliRunner
 
 from jowa_data.cli import main
+from tests.fixtures_data import build_args, tree_bytes
 from jowa_data.layout import INFO, PLAN, read_info
 
-
-
-def make_tokenizer(path: Path) -> Path:
-    """A tiny VQ-VAE with fixed random weights: real encode path, deterministic tokens."""
-    from jowa_model.tokenizer import Tokenizer, save_tokenizer, tokenizer_preset
-
-    torch.manual_seed(0)
-    return save_tokenizer(Tokenizer(tokenizer_preset("tiny")), path)
-
-
-def build_args(replay: Path, tok: Path, out: Path, *extra: str) -> list[str]:
-    return ["build", "Pong", "--replay", str(replay), "--tokenizer", str(tok), "--out", str(out),
-            "--checkpoints", "0-50", "--transitions", "300", "--seed", "0", "--task-transitions", "150",
-            "--allow-fewer-runs", *extra]
-
-
-def tree_bytes(d: Path) -> dict[str, bytes]:
-    """Every file of a dataset (the stream's _cache and the folder lock, which holds a pid, excluded)."""
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
-            if p.is_file() and "_cache" not in p.relative_to(d).parts and p.name != ".jowa.lock"}
-
-
-@pytest.fixture(scope="module")
-def tokenizer_ckpt(tmp_path_factory) -> Path:
-    return make_tokenizer(tmp_path_factory.mktemp("tok") / "tok.pt")
-
-
-@pytest.fixture(scope="module")
-def built(recorded_replay, tokenizer_ckpt, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("built") / "ds"
-    r = CliRunner().invoke(main, build_args(recorded_replay.root, tokenizer_ckpt, out, "--format", "both", "--json"))
-    assert r.exit_code == 0, r.output
-    return out
 
 
 def test_tokens_equal_direct_encode_of_recorded_frames(built, recorded_replay, tokenizer_ckpt):

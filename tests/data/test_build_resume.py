@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.data.test_build import make_tokenizer, tree_bytes
+from tests.fixtures_data import make_tokenizer, tree_bytes
 
 pytestmark = pytest.mark.multiproc
 

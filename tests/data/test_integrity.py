@@ -19,27 +19,15 @@ from click.testing import CliRunner
 
 from jowa_data.cli import main
 from jowa_common.errors import DatasetError
-from tests.data.test_build import build_args, make_tokenizer, tree_bytes
+from tests.fixtures_data import build_args, tree_bytes
+from tests.killpoint import run_killed
 
-
-
-@pytest.fixture(scope="module")
-def tokenizer_ckpt(tmp_path_factory) -> Path:
-    return make_tokenizer(tmp_path_factory.mktemp("tok") / "tok.pt")
-
-
-@pytest.fixture(scope="module")
-def pristine(recorded_replay, tokenizer_ckpt, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pristine") / "ds"
-    r = CliRunner().invoke(main, build_args(recorded_replay.root, tokenizer_ckpt, out, "--format", "both", "--json"))
-    assert r.exit_code == 0, r.output
-    return out
 
 
 @pytest.fixture()
-def ds(pristine, tmp_path) -> Path:
+def ds(built, tmp_path) -> Path:
     d = tmp_path / "ds"
-    shutil.copytree(pristine, d, ignore=shutil.ignore_patterns("_cache"))
+    shutil.copytree(built, d, ignore=shutil.ignore_patterns("_cache"))
     return d
 
 
@@ -63,7 +51,7 @@ def _flip_a_byte(p: Path, at: int) -> None:
     p.write_bytes(bytes(b))
 
 
-def test_missing_zarr_shard_is_refused_everywhere_then_repaired(ds, pristine, recorded_replay, tokenizer_ckpt):
+def test_missing_zarr_shard_is_refused_everywhere_then_repaired(ds, built, recorded_replay, tokenizer_ckpt):
     shard = _a_zarr_shard(ds)
     shard.unlink()
     rel = str(shard.relative_to(ds))
@@ -81,13 +69,13 @@ def test_missing_zarr_shard_is_refused_everywhere_then_repaired(ds, pristine, re
     summary = json.loads(r.output)
     assert summary["status"] == "repaired" and summary["built_tasks"] == 1
     assert summary["repaired"] == [shard.relative_to(ds / "zarr" / "Pong").parts[0]]  # only the damaged task
-    assert tree_bytes(ds) == tree_bytes(pristine)
+    assert tree_bytes(ds) == tree_bytes(built)
     assert CliRunner().invoke(main, ["validate", str(ds)]).exit_code == 0
     got = _stream(ds).cache.tokens
-    assert np.array_equal(got, _stream(pristine).cache.tokens)
+    assert np.array_equal(got, _stream(built).cache.tokens)
 
 
-def test_same_size_byte_flip_in_a_tar_needs_checksums(ds, pristine, recorded_replay, tokenizer_ckpt):
+def test_same_size_byte_flip_in_a_tar_needs_checksums(ds, built, recorded_replay, tokenizer_ckpt):
     tar = sorted((ds / "wds" / "Pong").glob("*.tar"))[0]
     _flip_a_byte(tar, 2048)  # inside the first member's data: same size, other tokens
     with pytest.raises(DatasetError, match=r"sha256 differs from files\.json") as e:
@@ -98,8 +86,8 @@ def test_same_size_byte_flip_in_a_tar_needs_checksums(ds, pristine, recorded_rep
     r = _rebuild(recorded_replay, tokenizer_ckpt, ds, "--verify", "full", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["repaired"] == [tar.name.rsplit("-", 1)[0]]
-    assert tree_bytes(ds) == tree_bytes(pristine)
-    assert np.array_equal(_stream(ds, "wds").cache.tokens, _stream(pristine, "wds").cache.tokens)
+    assert tree_bytes(ds) == tree_bytes(built)
+    assert np.array_equal(_stream(ds, "wds").cache.tokens, _stream(built, "wds").cache.tokens)
 
 
 def test_cache_is_tied_to_the_files_it_was_made_from(ds, recorded_replay, tokenizer_ckpt):
@@ -116,17 +104,17 @@ def test_cache_is_tied_to_the_files_it_was_made_from(ds, recorded_replay, tokeni
     assert np.array_equal(load_cache(ds).tokens, good)
 
 
-def test_damaged_files_json_is_refused_and_fully_rebuilt(ds, pristine, recorded_replay, tokenizer_ckpt):
+def test_damaged_files_json_is_refused_and_fully_rebuilt(ds, built, recorded_replay, tokenizer_ckpt):
     f = ds / "files.json"
     f.write_text(f.read_text().replace('"bytes": ', '"bytes": 1', 1))
     with pytest.raises(DatasetError, match=r"files\.json: sha256 differs from info\.json"):
         _stream(ds)
     r = _rebuild(recorded_replay, tokenizer_ckpt, ds, "--json")
     assert r.exit_code == 0 and json.loads(r.output)["status"] == "repaired"
-    assert tree_bytes(ds) == tree_bytes(pristine)
+    assert tree_bytes(ds) == tree_bytes(built)
 
 
-def test_stale_temp_files_of_a_killed_build_are_removed(ds, pristine, recorded_replay, tokenizer_ckpt):
+def test_stale_temp_files_of_a_killed_build_are_removed(ds, built, recorded_replay, tokenizer_ckpt):
     """The temp names atomic writes use (a tar, a task record, files.json, episodes.parquet, a zarr scratch dir)."""
     planted = [ds / "wds" / "Pong" / ".Pong-r001-t00000-00000.tar.k3j2.tmp", ds / "_tasks" / ".x.json.ab12.tmp",
                ds / ".files.json.zz.tmp", ds / ".episodes.parquet.q1.tmp.parquet"]
@@ -136,7 +124,7 @@ def test_stale_temp_files_of_a_killed_build_are_removed(ds, pristine, recorded_r
     r = _rebuild(recorded_replay, tokenizer_ckpt, ds, "--json")
     assert r.exit_code == 0, r.output
     assert not any(p.exists() for p in planted) and not (ds / "_tmp").exists()
-    assert tree_bytes(ds) == tree_bytes(pristine)
+    assert tree_bytes(ds) == tree_bytes(built)
     assert CliRunner().invoke(main, ["validate", str(ds)]).exit_code == 0
 
 
@@ -169,7 +157,7 @@ def test_one_builder_per_folder_and_a_dead_holder_is_taken_over(ds, recorded_rep
     assert r.exit_code == 0 and json.loads(r.output)["status"] == "already built"
 
 
-def test_a_full_disk_is_one_line_and_the_rerun_finishes(pristine, recorded_replay, tokenizer_ckpt, tmp_path):
+def test_a_full_disk_is_one_line_and_the_rerun_finishes(built, recorded_replay, tokenizer_ckpt, tmp_path):
     """A write limit on the build process (RLIMIT_FSIZE: writes past it fail with EFBIG, as a full disk fails
     with ENOSPC) stops it with one line naming the file; the rerun without the limit gives the same bytes."""
     import resource
@@ -191,7 +179,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_finishes(pristine, recorded_repla
     assert not (out / "info.json").exists()  # nothing looks finished
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
-    assert tree_bytes(out) == tree_bytes(pristine)
+    assert tree_bytes(out) == tree_bytes(built)
 
 
 # Every kind of temp file a build publishes, in the order it writes them: (what, regex of the temp path, which one).
@@ -207,15 +195,14 @@ KILL_POINTS = [
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("what,pattern,nth", KILL_POINTS, ids=[k[0] for k in KILL_POINTS])
-def test_kill_in_each_temp_file_window_then_rerun_is_identical(what, pattern, nth, pristine, recorded_replay,
+def test_kill_in_each_temp_file_window_then_rerun_is_identical(what, pattern, nth, built, recorded_replay,
                                                                tokenizer_ckpt, tmp_path):
     import re
 
     out = tmp_path / "ds"
     args = build_args(recorded_replay.root, tokenizer_ckpt, out, "--format", "both")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "tests.killpoint", pattern, str(nth), "jowa_data.cli", *args],
-                       capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[2])
+    r = run_killed(pattern, nth, "jowa_data.cli", args)
     assert r.returncode == -signal.SIGKILL, r.stderr
     left = [p for p in out.rglob("*") if re.search(pattern, str(p))]
     assert left, f"no {what} temp file when the build was killed"
@@ -224,5 +211,5 @@ def test_kill_in_each_temp_file_window_then_rerun_is_identical(what, pattern, nt
                        text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert not any(p.exists() for p in left)
-    assert tree_bytes(out) == tree_bytes(pristine)
+    assert tree_bytes(out) == tree_bytes(built)
     assert CliRunner().invoke(main, ["validate", str(out)]).exit_code == 0

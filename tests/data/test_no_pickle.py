@@ -7,7 +7,6 @@ import io
 import json
 import pickle
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,24 +19,7 @@ from jowa_data.stream import SegmentStream
 from jowa_data.validate import validate_dataset
 from pipelines.cli import main as cli
 from tests.data.test_validate import small_dataset
-
-
-class Boom:
-    """Unpickling this writes a marker file: proof that code ran."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (Path(self.marker), "pickle code ran"))
-
-
-def plant(tar: Path, member: str, payload: bytes) -> None:
-    """Append `member` (e.g. 'KEY.evil.pyd') to an existing tar, the way an attacker would."""
-    with tarfile.open(tar, "a") as tf:
-        ti = tarfile.TarInfo(member)
-        ti.size = len(payload)
-        tf.addfile(ti, io.BytesIO(payload))
+from tests.tamper import Boom, forge_checksums, plant
 
 
 @pytest.fixture(params=["pyd", "pickle"])
@@ -58,19 +40,6 @@ def test_validate_refuses_and_nothing_runs(poisoned):
     r = CliRunner().invoke(data_cli, ["validate", str(d)])
     assert r.exit_code == 1 and f"evil.{ext}" in r.output
     assert not marker.exists()
-
-
-def forge_checksums(d: Path, tar: Path) -> None:
-    """What an attacker who also rewrites the metadata does: files.json and info.json made to match the tar."""
-    from jowa_common.io import sha256_bytes, sha256_file
-
-    files = json.loads((d / "files.json").read_text())
-    files[str(tar.relative_to(d))] = {"bytes": tar.stat().st_size, "sha256": sha256_file(tar)}
-    raw = (json.dumps(files, indent=1, sort_keys=True) + "\n").encode()
-    (d / "files.json").write_bytes(raw)
-    info = json.loads((d / "info.json").read_text())
-    info["files_checksum"] = sha256_bytes(raw)
-    (d / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def test_stream_and_training_refuse_and_nothing_runs(poisoned, tmp_path):

@@ -22,6 +22,7 @@ from jowa_model.tokenizer import load_tokenizer, tokenizer_checksum
 from jowa_model.world_action import WorldActionModel
 from pipelines.evaluate import EvalConfig, apply_epsilon, epsilon_generators, evaluate
 from pipelines.scores import load_raw_scores
+from tests.killpoint import run_killed
 
 PONG_IDS, BOWLING_IDS = {0, 1, 3, 4, 11, 12}, {0, 1, 2, 5, 10, 13}  # full ids of their minimal sets
 
@@ -298,9 +299,7 @@ def test_kill_while_the_score_file_is_written_then_rerun(tmp_path):
             "300"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "rnd.json"
-    r = subprocess.run([sys.executable, "-m", "tests.killpoint", r"/\.rnd\.json\.[^/]+\.tmp$", "2", "pipelines.cli",
-                        *args, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env,
-                       cwd=Path(__file__).parents[2])
+    r = run_killed(r"/\.rnd\.json\.[^/]+\.tmp$", 2, "pipelines.cli", [*args, "--out", out])
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     temps = list(tmp_path.glob(".rnd.json.*.tmp"))
     assert len(temps) == 1 and list(json.loads(out.read_text())["games"]) == ["Breakout"]

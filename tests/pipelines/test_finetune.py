@@ -23,6 +23,7 @@ from pipelines.finetune import (ContextSampler, FinetuneConfig, FinetuneDataConf
 from pipelines.pretrain import pretrain, train_preset
 from pipelines.viz import read_metrics
 from tests.fixtures_data import make_recorded_replay
+from tests.killpoint import run_killed
 
 BOWLING_FULL_IDS = {0, 1, 2, 5, 10, 13}  # NOOP, FIRE, UP, DOWN, UPFIRE, DOWNFIRE
 
@@ -267,22 +268,15 @@ def test_cli_builds_the_small_set_from_replay(pretrained, bowling, bowling_manif
 def test_kill_while_a_checkpoint_is_a_temp_file(pretrained, bowling, bowling_manifest_dir, built_dataset, tmp_path):
     """`jowa finetune` SIGKILLed just before its step-2 checkpoint's temp file is renamed; the rerun removes the
     temp file, resumes from what was published and ends with the weights of an uninterrupted run."""
-    import os
     import signal
-    import subprocess
-    import sys
-    from pathlib import Path
 
     _, ds = bowling
     args = ["finetune", str(pretrained), "--game", "Bowling", "--tokenizer", str(built_dataset.tokenizer),
             "--manifests", str(bowling_manifest_dir), "--preset", "tiny", "--data", str(ds), "--steps", "3",
             "--set", "data.batch_size=4", "--set", "imagine.batch_size=2", "--set", "eval.every=0",
             "--set", "eval.episodes=1", "--set", "eval.max_frames=20", "--set", "ckpt_every=1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     run = tmp_path / "killed"
-    r = subprocess.run([sys.executable, "-m", "tests.killpoint", r"/\.step_00000002\.pt\.[^/]+\.tmp$", "1",
-                        "pipelines.cli", *args, "--out", str(run)], env=env, capture_output=True, text=True,
-                       timeout=600, cwd=Path(__file__).parents[2])
+    r = run_killed(r"/\.step_00000002\.pt\.[^/]+\.tmp$", 1, "pipelines.cli", [*args, "--out", run], timeout=600)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     temps = list((run / "ckpt").glob(".step_00000002.pt.*.tmp"))
     assert len(temps) == 1 and not (run / "ckpt" / "step_00000002.pt").exists()

@@ -17,6 +17,7 @@ from jowa_common.config import apply_overrides
 from jowa_model.checkpoint import load_world_action
 from pipelines.pretrain import train_preset, pretrain
 from pipelines.viz import read_metrics
+from tests.killpoint import run_killed
 
 
 def small_cfg(dataset: Path, **over):
@@ -130,10 +131,7 @@ def test_resume_after_sigkill_continues_the_curve_exactly(built_dataset, tmp_pat
     # the same run, SIGKILLed while its step-6 checkpoint is a complete temp file not yet renamed (the exact
     # window of a checkpoint write), then rerun as is: it resumes from step 3 and removes the temp file
     run = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "tests.killpoint", r"/\.step_00000006\.pt\.[^/]+\.tmp$", "1",
-                        "pipelines.cli", *base, "--out", str(run)], env=env, capture_output=True, text=True,
-                       timeout=300, cwd=Path(__file__).parents[2])
+    r = run_killed(r"/\.step_00000006\.pt\.[^/]+\.tmp$", 1, "pipelines.cli", [*base, "--out", run])
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     temps = list((run / "ckpt").glob(".step_00000006.pt.*.tmp"))
     assert len(temps) == 1 and not (run / "ckpt" / "step_00000006.pt").exists()

@@ -22,6 +22,7 @@ from jowa_model.tokenizer import load_tokenizer
 from pipelines.cli import main as jowa_main
 from pipelines.frames import FrameSampler, open_frames
 from pipelines.train_tokenizer import train_preset, train_tokenizer
+from tests.killpoint import run_killed
 
 ROOT = Path(__file__).resolve().parents[2]
 # Smallest useful run: a narrow tiny model, 8 frames per step.
@@ -198,9 +199,7 @@ def test_kill_while_the_checkpoint_is_a_temp_file(tmp_path, atari_frames_npy, on
             "--no-progress"]
     for s in RESUME_SETS:
         args += ["--set", s]
-    r = subprocess.run([sys.executable, "-m", "tests.killpoint", r"/\.checkpoint\.pt\.[^/]+\.tmp$", "2",
-                        "pipelines.cli", *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                       capture_output=True, text=True, timeout=300)
+    r = run_killed(r"/\.checkpoint\.pt\.[^/]+\.tmp$", 2, "pipelines.cli", args)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     temps = list(run.glob(".checkpoint.pt.*.tmp"))
     assert len(temps) == 1 and torch.load(run / "checkpoint.pt", weights_only=True)["step"] < 12
