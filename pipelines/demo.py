@@ -18,7 +18,7 @@ from typing import Any
 
 from jowa_common.config import apply_overrides, config_to_dict
 from jowa_common.io import atomic_write_json
-from pipelines.learn import LearnConfig, LearnPaths, render_report, run_learn
+from pipelines.learn import LearnConfig, LearnPaths, print_wrapped, render_report, run_learn
 
 
 def demo_learn_config() -> LearnConfig:
@@ -93,7 +93,8 @@ def render_summary(summary: dict[str, Any], console) -> None:
     render_report(summary["learn"], console)
     f = summary["finetune"]
     console.print(f"fine-tuned on {f['game']} (task {f['task_id']}, never pretrained on; {f['transitions']} "
-                  f"transitions, {f['steps']} steps): clipped return {f['agent_clipped_mean']:.1f} vs random play "
-                  f"{f['random_clipped_mean']:.1f} (<= {f['max_frames']:,} frames)")
+                  f"transitions, {f['steps']} steps):")  # two lines: the summary fits 100 columns
+    console.print(f"  clipped return {f['agent_clipped_mean']:.1f} vs random play {f['random_clipped_mean']:.1f} "
+                  f"(<= {f['max_frames']:,} frames)")
     console.print(f"total {summary['total_seconds']:.0f} s")
-    console.print("pictures: " + ", ".join(summary["pictures"]))
+    print_wrapped(console, "pictures: " + ", ".join(summary["pictures"]))

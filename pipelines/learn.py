@@ -447,20 +447,33 @@ def render_report(report: dict[str, Any], console) -> None:
     console.print(k)
     c = report["checks"]
     q = report["pretrain"]["q_head"]
-    console.print(f"agent beats random play: {c['beats_random']}")
-    console.print(f"agent beats the data's mean: {c['beats_data']} ({c['games_beating_data']} of "
-                  f"{len(c['beats_data'])} games)")
-    console.print(f"normalized (0 = random, 1 = data), mean over games: greedy {c['normalized_mean']['greedy']:.2f}, "
-                  f"beam {c['normalized_mean']['beam']:.2f} (beam >= greedy: {c['beam_ge_greedy']})")
-    console.print(f"world model >= copy-last-frame: {c['world_model_ge_copy']}")
+    yes = {True: "yes", False: "[red]no[/]", None: "-"}
+    ch = Table(title="checks (the agent: greedy or beam, whichever is higher)")
+    for col in ("game", "agent > random", "agent > data", "world model >= copy"):
+        ch.add_column(col, justify="left" if col == "game" else "center")
+    for g in report["games"]:
+        ch.add_row(g, yes[c["beats_random"].get(g)], yes[c["beats_data"].get(g)], yes[c["world_model_ge_copy"].get(g)])
+    console.print(ch)
+    def say(text: str) -> None:
+        print_wrapped(console, text)
+
+    say(f"normalized (0 = random, 1 = data), mean over games: greedy {c['normalized_mean']['greedy']:.2f}, "
+        f"beam {c['normalized_mean']['beam']:.2f} (beam >= greedy: {yes[c['beam_ge_greedy']]})")
     if q["learned"] is False:
-        console.print(f"[red]FLAG[/]: stage-2 TD loss {q['td_last']:.3f} ~ ln(atoms) {q['ln_atoms']:.3f}: the Q head "
-                      "predicts a uniform return distribution (it learned no values)")
+        say(f"[red]FLAG[/]: stage-2 TD loss {q['td_last']:.3f} ~ ln(atoms) {q['ln_atoms']:.3f}: the Q head predicts a "
+            "uniform return distribution (it learned no values)")
     elif q["td_last"] is not None:
-        console.print(f"Q head: TD loss {q['td_first']:.3f} -> {q['td_last']:.3f} (ln atoms = {q['ln_atoms']:.3f})")
+        say(f"Q head: TD loss {q['td_first']:.3f} -> {q['td_last']:.3f} (ln atoms = {q['ln_atoms']:.3f})")
     tr = report.get("transfer")
     if tr:
-        console.print(f"transfer to {tr['game']} ({tr['transitions']} transitions, {tr['steps']} steps): pretrained "
-                      f"{_ci(tr['pretrained'])} vs scratch {_ci(tr['scratch'])}")
-    console.print(f"total {report['total_seconds']:.0f} s: " + ", ".join(f"{n} {s:.0f}" for n, s in
-                                                                     report["seconds"].items()))
+        say(f"transfer to {tr['game']} ({tr['transitions']} transitions, {tr['steps']} steps): pretrained "
+            f"{_ci(tr['pretrained'])} vs scratch {_ci(tr['scratch'])}")
+    say(f"total {report['total_seconds']:.0f} s: " + ", ".join(f"{n} {s:.0f}" for n, s in report["seconds"].items()))
+
+
+def print_wrapped(console, text: str, width: int = 100) -> None:
+    """Print text wrapped at `width` columns whatever the terminal's width (reports fit 100 columns)."""
+    import textwrap
+
+    for line in textwrap.wrap(text, width=width, subsequent_indent="  ", break_on_hyphens=False):
+        console.print(line, soft_wrap=True)

@@ -85,6 +85,17 @@ def test_learn_end_to_end_tiny_and_resume(tmp_path):
     render_report(rep, con)
     text = con.file.getvalue()
     assert "Freeway" in text and "world model" in text and max(len(ln) for ln in text.splitlines()) <= 100
+    # the main job's summary (this report + fine-tuning + the pictures) fits 100 columns on a wide terminal too
+    from pipelines.demo import render_summary
+
+    con = Console(file=io.StringIO(), width=300)
+    render_summary({"learn": rep, "total_seconds": 1.0, "pictures": [f"pictures/{g}_{i}.gif" for g in rep["games"]
+                                                                     for i in range(6)],
+                    "finetune": {"game": "Pong", "task_id": 39, "transitions": 2000, "steps": 80,
+                                 "agent_clipped_mean": -21.0, "random_clipped_mean": -21.0, "max_frames": 10_000}},
+                   con)
+    text = con.file.getvalue()
+    assert "Freeway_5.gif" in text and "-21.0" in text and max(len(ln) for ln in text.splitlines()) <= 100
     # resume: every stage finds its output; the returns are the same numbers
     r2 = CliRunner().invoke(main, args)
     assert r2.exit_code == 0, r2.output
