@@ -110,13 +110,12 @@ def verify_dataset(dataset_dir: str | Path, mode: str = "size", formats: list[st
     return damaged
 
 
-def damage_error(dataset_dir: str | Path, damaged: dict[str, list[str]], repair_hint: bool = True) -> DatasetError:
+def damage_error(dataset_dir: str | Path, damaged: dict[str, list[str]]) -> DatasetError:
     """One error for damaged tasks: the first problem, how many more, and what to do."""
     problems = [p for ps in damaged.values() for p in ps]
     more = f" (and {len(problems) - 1} more problems in {len(damaged)} tasks: `jowa-data validate "\
            f"{dataset_dir}` lists them)" if len(problems) > 1 else ""
-    hint = "; `jowa-data build` with the same arguments repairs it" if repair_hint else ""
-    return DatasetError(f"{problems[0]}{more}{hint}")
+    return DatasetError(f"{problems[0]}{more}; `jowa-data build` with the same arguments repairs it")
 
 
 def require_intact(dataset_dir: str | Path, mode: str = "full", formats: list[str] | None = None,

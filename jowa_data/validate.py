@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from jowa_common.errors import JowaError
-from jowa_common.io import sha256_bytes, sha256_file
+from jowa_common.io import sha256_bytes
+from jowa_data.integrity import check_file
 from jowa_data.layout import EPISODES, FILES, INFO, STATS, read_info
 
 
@@ -37,15 +38,9 @@ def validate_dataset(dataset_dir: str | Path, checksums: bool = True) -> list[st
         problems.append(f"{fp}: unreadable ({e})")
     if not (d / STATS).is_file():
         problems.append(f"{d / STATS}: missing")
-    for rel, meta in files.items():
-        p = d / rel
-        if not p.is_file():
-            problems.append(f"{p}: missing data file")
-            continue
-        if p.stat().st_size != meta["bytes"]:
-            problems.append(f"{p}: size {p.stat().st_size} B, expected {meta['bytes']} B")
-        elif checksums and sha256_file(p) != meta["sha256"]:
-            problems.append(f"{p}: sha256 mismatch (corrupted)")
+    for rel, meta in files.items():  # the check every reader makes (jowa_data.integrity), here for all files
+        if problem := check_file(d, rel, meta, "full" if checksums else "size"):
+            problems.append(problem)
     for fmt in info.formats:
         for p in sorted((d / fmt).rglob("*")):
             rel = str(p.relative_to(d))
