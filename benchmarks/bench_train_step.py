@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from jowa_model.losses import LossConfig, compute_loss
 from jowa_model.presets import model_preset
+from jowa_model import cpu_kernels
 from jowa_model.world_action import WorldActionModel
 
 OFFICIAL_40M_BF16_TOK_S = 2522.0  # docs/performance.md §3, 4a
@@ -74,12 +75,14 @@ def matmul_flop(func, shapes) -> int:
 
 
 def run(config: str = "40M", batch: int = 8, steps: int = 8, bf16: bool = False, threads: int = 2, warmup: int = 3,
-        reps: int = 10, compile: bool = False, log=None, matmul_floor: bool = False) -> dict:
+        reps: int = 10, compile: bool = False, log=None, matmul_floor: bool = False, plain: bool = False) -> dict:
     """Median ms/step and tokens/s of the stage-2 step for one preset; `log(msg)` gets one line per step."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = model_preset(config)
     model = WorldActionModel(cfg).train()
+    if not plain:  # the trainers' default: jowa_model/cpu_kernels.py on
+        cpu_kernels.apply(model)
     opt = model.configure_optimizer(5e-5, 5e-5, 0.01)
     params = [p for g in opt.param_groups for p in g["params"]]
     loss_cfg = LossConfig()
@@ -154,10 +157,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="torch.compile the model (experimental; slower here: 1682 vs 1390 CPU ms/step, 1 thread)")
     ap.add_argument("--matmul-floor", action="store_true",
                     help="also time the step's matrix products one by one (the GEMM-bound part of the step)")
+    ap.add_argument("--plain", action="store_true", help="without jowa_model/cpu_kernels.py (the plain model)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     out = run(args.config, args.batch, args.steps, args.bf16, args.threads, args.warmup, args.reps, args.compile,
-              log=lambda msg: print(msg, file=sys.stderr), matmul_floor=args.matmul_floor)
+              log=lambda msg: print(msg, file=sys.stderr), matmul_floor=args.matmul_floor, plain=args.plain)
     ms = out["ms_per_step"]
     if args.json:
         print(json.dumps(out))

@@ -35,11 +35,12 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    from jowa_model import cpu_kernels
     from jowa_model.planner import WorldModelImagination
     from jowa_model.presets import model_preset
     from jowa_model.world_action import WorldActionModel
 
-    model = WorldActionModel(model_preset(args.config))
+    model = cpu_kernels.apply(WorldActionModel(model_preset(args.config)))
     world = WorldModelImagination(model)
     g = torch.Generator().manual_seed(0)
     obs, act, task = torch.randint(0, 2048, (1, 8, 36), generator=g), torch.randint(0, 8, (1, 7), generator=g), \

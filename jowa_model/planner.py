@@ -445,7 +445,7 @@ class WorldModelImagination:
         with self._autocast():
             h = self.model.forward_cached(seq, task_ids, cache, last_only=True)[:, -1]  # (N, D) last obs token
             q = self.model.q_values(h).float()  # (N, 18)
-        cache.shared, cache.groups = seq.shape[1], torch.arange(seq.shape[0], device=dev)  # imagined rows share it
+        cache.share_prefix()  # the imagined rows descend from these roots
         return CacheState(cache, task_ids), q
 
     @torch.no_grad()

@@ -81,6 +81,7 @@ class TrainBench:
     warmup: int = 1  # untimed steps
     reps: int = 3  # timed steps (median)
     matmul_floor: bool = True  # also time the step's own matrix products (what only a faster GEMM would shorten)
+    plain: bool = False  # the plain model of world_action.py, without jowa_model/cpu_kernels.py
 
 
 @dataclass
@@ -262,7 +263,7 @@ def run_train(cfg: BenchConfig, work: Path, state: dict, log: Log) -> dict:
                 raise ConfigError(f"train.dtypes: '{dt}' is not fp32 or bf16")
             log(f"train step {preset} {dt}")
             out[f"{preset}.{dt}"] = bt.run(preset, c.batch, c.steps, dt == "bf16", cfg.threads, c.warmup, c.reps,
-                                           matmul_floor=c.matmul_floor)
+                                           matmul_floor=c.matmul_floor, plain=c.plain)
     return out
 
 

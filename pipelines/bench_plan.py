@@ -54,17 +54,18 @@ class BenchPlanConfig:
     threads: int = 2  # torch intra-op threads (official figures: 2)
     seed: int = 0  # weights and synthetic tokens
     rolling_keep: int = 4  # also time RollingGreedy(keep) (NOT the official rule; reported apart); 0 = skip
+    cpu_kernels: bool = True  # jowa_model/cpu_kernels.py on (False: the plain model of world_action.py)
 
 
-def _load_model(ckpt: str | Path | None, preset: str):
+def _load_model(ckpt: str | Path | None, preset: str, kernels: bool):
+    from jowa_model import checkpoint, cpu_kernels
     from jowa_model.presets import model_preset
     from jowa_model.world_action import WorldActionModel
 
-    if ckpt is None:
-        return WorldActionModel(model_preset(preset))
-    from jowa_model import checkpoint  # written with the training pipeline
-
-    return checkpoint.load_world_action(ckpt)
+    if ckpt is not None:
+        return checkpoint.load_world_action(ckpt, cpu_kernels=kernels)[0]
+    model = WorldActionModel(model_preset(preset))
+    return cpu_kernels.apply(model) if kernels else model
 
 
 def bench_plan(ckpt: str | Path | None = None, cfg: BenchPlanConfig | None = None,
@@ -76,7 +77,7 @@ def bench_plan(ckpt: str | Path | None = None, cfg: BenchPlanConfig | None = Non
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     game = (registry or load_manifests()).get(cfg.game)
-    model = _load_model(ckpt, cfg.preset)
+    model = _load_model(ckpt, cfg.preset, cfg.cpu_kernels)
     amp = torch.bfloat16 if cfg.dtype == "bfloat16" else None
     world = WorldModelImagination(model, autocast_dtype=amp)
     tokenizer = None

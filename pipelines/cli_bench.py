@@ -100,9 +100,10 @@ for _name, _doc in (
 @click.option("--bf16", is_flag=True, help="bf16 autocast for the world model and the tokenizer (default fp32).")
 @click.option("--no-encode", is_flag=True, help="Exclude tokenizer.encode of the new frame from each decision.")
 @click.option("--threads", default=2, show_default=True, help="torch intra-op threads.")
+@click.option("--plain", is_flag=True, help="The plain model of world_action.py, without jowa_model/cpu_kernels.py.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @manifests_option
-def plan_cmd(ckpt, preset, game, reps, warmup, bf16, no_encode, threads, as_json, manifest_dirs) -> None:
+def plan_cmd(ckpt, preset, game, reps, warmup, bf16, no_encode, threads, plain, as_json, manifest_dirs) -> None:
     """Decisions/s of greedy, beam (H=2, K=2/3/4) and MCTS (20 simulations) for one model, 8-step context."""
     from jowa_common.errors import ConfigError
     from jowa_model.presets import PRESETS
@@ -113,7 +114,7 @@ def plan_cmd(ckpt, preset, game, reps, warmup, bf16, no_encode, threads, as_json
     if reps < 1:
         raise click.BadParameter("must be >= 1", param_hint="--reps")
     cfg = BenchPlanConfig(preset=preset, game=game, reps=reps, warmup=warmup, threads=threads,
-                          dtype="bfloat16" if bf16 else "float32", encode=not no_encode)
+                          dtype="bfloat16" if bf16 else "float32", encode=not no_encode, cpu_kernels=not plain)
     err = stderr_console()
     with err.status("benchmarking planners") as status:
         res = bench_plan(ckpt, cfg, progress=lambda name: status.update(f"benchmarking {name}"),

@@ -30,6 +30,7 @@ import torch.nn as nn
 from jowa_common.config import config_from_dict, config_to_dict
 from jowa_common.errors import CheckpointError, ConfigError
 from jowa_common.io import atomic_torch_save, atomic_write_json, safe_torch_load
+from jowa_model import cpu_kernels
 from jowa_model.checkpoint import FORMAT, model_state
 from jowa_model.losses import LossConfig, compute_loss, term_counts
 from jowa_model.presets import model_preset
@@ -73,6 +74,7 @@ class PretrainConfig:
     tokenizer: str = ""  # tokenizer checkpoint used to decode imagined rollouts to pixels
     manifests: tuple[str, ...] = ()  # manifest folders for the valid-action masks (empty: shipped manifests)
     progress: bool = True  # a progress line on stderr (stage, step, losses, tokens/s, ETA)
+    cpu_kernels: bool = True  # jowa_model/cpu_kernels.py: faster CPU dropout/attention and eval (same math)
 
     @property
     def total_steps(self) -> int:
@@ -210,6 +212,8 @@ def _pretrain(cfg: PretrainConfig, run: RunFiles, info: DistInfo, stop_after: in
 
     torch.manual_seed(cfg.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
     model = WorldActionModel(cfg.model)
+    if cfg.cpu_kernels:
+        cpu_kernels.apply(model)
     model.set_action_masks(torch.from_numpy(action_mask_table(load_manifests(list(cfg.manifests) or None),
                                                               cfg.model.num_tasks)))
     model.to(device)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from jowa_common.io import atomic_torch_save, safe_torch_load
 from jowa_data.manifest import action_mask_table, load_manifests
 from jowa_model.presets import PRESETS, model_preset
-from jowa_model.world_action import EnsembleQHead, WorldActionConfig, WorldActionModel, dropout
+from jowa_model.world_action import EnsembleQHead, WorldActionConfig, WorldActionModel
 from pipelines.bench import _script
 from tests.fixtures_model import tiny_model, token_sequence
 
@@ -185,13 +185,16 @@ def test_q_prior_starts_every_return_distribution_at_zero():
         assert torch.equal(m.q_values(h, target=True), q)  # the target head starts as the same copy
 
 
-def test_param_groups_partition_trainable_params():
+def test_optimizer_groups_partition_trainable_params():
     m = tiny_model()
-    groups = m.param_groups(1e-4, 5e-5, 0.01)
+    opt = m.configure_optimizer(1e-4, 5e-5, 0.01)
+    groups = opt.param_groups
     ids = [id(p) for g in groups for p in g["params"]]
     trainable = [id(p) for p in m.parameters() if p.requires_grad]
     assert sorted(ids) == sorted(trainable) and len(ids) == len(set(ids))
+    assert not opt.state_dict()["state"] and opt.defaults["fused"] is True
     decay, no_decay, critic = groups
+    assert decay["lr"] == no_decay["lr"] == 1e-4 and no_decay["weight_decay"] == 0.0
     assert critic["lr"] == 5e-5 and critic["weight_decay"] == 0.01
     assert {id(p) for p in critic["params"]} == {id(p) for p in m.head_q.parameters()}
     assert id(m.obs_emb.weight) in {id(p) for p in no_decay["params"]}
@@ -208,16 +211,6 @@ def test_action_mask_table_from_manifests():
     assert m.action_mask_for(torch.tensor([6])).sum() == 4
     with pytest.raises(ValueError, match="action masks must be"):
         m.set_action_masks(torch.ones(3, 18, dtype=torch.bool))
-
-
-def test_fast_dropout_keep_rate_and_scale():
-    torch.manual_seed(0)
-    x = torch.ones(200_000)
-    y = dropout(x, 0.1, True)
-    kept = (y != 0).float().mean().item()
-    assert abs(kept - 0.9) < 0.005
-    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.9))
-    assert dropout(x, 0.1, False) is x
 
 
 def test_state_dict_round_trip_is_exact(tmp_path):
@@ -277,22 +270,6 @@ def test_cli_model_info_unknown_preset():
     assert r.exit_code == 1
     assert "unknown model preset '41M'" in r.output and "40M" in r.output
     assert set(PRESETS) == {"tiny", "40M", "70M", "150M"}
-
-
-@pytest.mark.parametrize("chunks", [1, 2, 3])
-def test_cpu_training_attention_equals_sdpa_without_drops(chunks):
-    """The CPU dropout-attention path (query blocks) is plain causal attention when nothing is dropped."""
-    from jowa_model.world_action import _attention_with_dropout
-
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 40, 8) for _ in range(3))
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    torch.testing.assert_close(_attention_with_dropout(q, k, v, 1e-9, chunks), ref, atol=1e-5, rtol=1e-5)
-    y16 = _attention_with_dropout(q.bfloat16(), k.bfloat16(), v.bfloat16(), 1e-9, chunks)  # pure bf16, no autocast
-    torch.testing.assert_close(y16.float(), ref, atol=0.05, rtol=0.05)
-    torch.manual_seed(1)
-    y = _attention_with_dropout(q, k, v, 0.5)
-    assert not torch.allclose(y, ref)  # some probabilities were dropped
 
 
 def test_train_step_benchmark_runs_tiny(capsys):
