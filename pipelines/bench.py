@@ -320,7 +320,7 @@ def figures(section: str, r: dict) -> list[dict[str, Any]]:
         for part, what in (("env", "AtariEnv alone"), ("record", "record() to DQN-Replay files")):
             x = r[part]
             f.append(_fig(section, f"record.{part}.steps_per_s", f"{what} ({r['game']})", x["steps_per_s"],
-                          "agent steps/s", f"env.steps_per_s" if part == "env" else None))
+                          "agent steps/s", "env.steps_per_s" if part == "env" else None))
             f.append(_fig(section, f"record.{part}.frames_per_s", f"{what} ({r['game']})", x["frames_per_s"],
                           "emulator frames/s", "env.frames_per_s" if part == "env" else None))
     elif section == "build":
@@ -336,7 +336,7 @@ def figures(section: str, r: dict) -> list[dict[str, Any]]:
             f.append(_fig(section, f"build.{p}_encode_{dt}_frames_per_s", f"{p} tokenizer encode, {dt}",
                           r[f"encode_{dt}_frames_per_s"], "frames/s", f"encode.{dt}" if p == "paper" else None))
             f.append(_fig(section, f"build.{p}_build_{dt}_frames_per_s",
-                          f"  implied build rate with it (read + write kept)", r[f"build_{dt}_frames_per_s"],
+                          "  implied build rate with it (read + write kept)", r[f"build_{dt}_frames_per_s"],
                           "frames/s"))
     elif section == "stream":
         for b in ("zarr", "wds"):
@@ -382,8 +382,6 @@ def figures(section: str, r: dict) -> list[dict[str, Any]]:
             f.append(_fig(section, "tokenizer.lpips_vgg.fwd_bwd_b8_ms", "LPIPS-VGG fwd+bwd, batch 8",
                           r["lpips_vgg.fwd_bwd_b8_ms"], "ms", higher_is_better=False))
     elif section == "plan":
-        from pipelines.bench_plan import OFFICIAL_40M
-
         names = {"greedy": "greedy", "beam_k2": "beam H=2 K=2", "beam_k3": "beam H=2 K=3", "beam_k4": "beam H=2 K=4",
                  "mcts": "MCTS 20 sims H=2"}
         for dt, x in r.items():

@@ -13,7 +13,7 @@ PRESETS = ("tiny", "40M", "70M", "150M")
 
 def resolve_train_config(preset_or_file: str, config_file: str | None, sets: tuple[str, ...]):
     from jowa_common.config import load_override_file, resolve_config, apply_overrides
-    from pipelines.pretrain import PretrainConfig, train_preset
+    from pipelines.pretrain import train_preset
 
     if preset_or_file in PRESETS:
         cfg = train_preset(preset_or_file)
