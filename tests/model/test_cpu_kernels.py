@@ -14,10 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jowa_model import cpu_kernels
-from jowa_model.cpu_kernels import (CPUKVCache, CPUTrainingAttention, FastDropout, PackedLinear,
-                                    attention_with_dropout, keep_scale)
+from jowa_model.cpu_kernels import (CPUKVCache, CPUTrainingAttention, CPUWorldActionModel, FastDropout,
+                                    PackedLinear, attention_with_dropout, keep_scale)
 from jowa_model.planner import WorldModelImagination
-from jowa_model.world_action import CausalSelfAttention, KVCache
+from jowa_model.world_action import CausalSelfAttention, KVCache, WorldActionModel
 from tests.fixtures_model import tiny_model, token_sequence
 
 torch.set_num_threads(1)
@@ -33,11 +33,13 @@ def test_apply_swaps_classes_keeps_state_and_remove_undoes_it():
     assert type(m.head_reward[2]) is nn.Linear  # 512x3: F.linear is faster for weights that stay in cache
     assert type(m.drop) is FastDropout and type(m.head_q.dropout) is FastDropout
     assert type(m.blocks[1].attn) is CPUTrainingAttention and type(m.init_cache(1)) is CPUKVCache
+    assert type(m) is CPUWorldActionModel
     assert [id(p) for p in m.parameters()] == params
     assert m.state_dict().keys() == before.keys() and all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
     cpu_kernels.remove(m)
     kinds = {type(x) for x in m.modules()}
     assert not kinds & {PackedLinear, FastDropout, CPUTrainingAttention} and type(m.init_cache(1)) is KVCache
+    assert type(m) is WorldActionModel
     assert CausalSelfAttention in kinds
 
 
@@ -50,6 +52,15 @@ def test_kernels_equal_the_plain_model_in_eval_and_in_a_training_step():
         torch.testing.assert_close(fast.backbone(seq, task), plain.backbone(seq, task), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(fast.obs_logits(plain.backbone(seq, task)), plain.obs_logits(plain.backbone(seq, task)),
                                    atol=1e-5, rtol=1e-5)
+    for autocast in (False, True):  # the one-token pass (packed, fused GELU) and the last-query root pass
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            outs = []
+            for m in (plain, fast):
+                cache = m.init_cache(2)
+                root = m.forward_cached(seq[:, :40], task, cache, last_only=True)
+                outs.append(torch.cat([root[:, 0]] + [m.decode_step(seq[:, p], task, cache) for p in range(40, 75)]))
+        tol = dict(atol=0.05, rtol=0.05) if autocast else dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outs[1].float(), outs[0].float(), **tol)
     for m in (plain, fast):
         m.train()
         m.zero_grad()
