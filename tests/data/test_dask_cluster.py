@@ -43,13 +43,14 @@ def _env() -> dict[str, str]:
 
 def _kill_tree(p: subprocess.Popen) -> None:
     """SIGKILL a process and every process below it (a `dask worker` is a nanny plus its worker process)."""
-    try:
-        kids = psutil.Process(p.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kids = []
-    for q in [p, *kids]:  # the parent first, so that a nanny cannot restart its worker
-        with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
-            os.kill(q.pid, signal.SIGKILL)
+    if p.poll() is not None:  # exited and reaped: its pid may be another process's by now
+        return
+    with contextlib.suppress(psutil.NoSuchProcess):
+        top = psutil.Process(p.pid)
+        tree = [top, *top.children(recursive=True)]
+        for q in tree:  # the parent first, so that it cannot start a replacement; psutil checks pid reuse
+            with contextlib.suppress(psutil.NoSuchProcess):
+                q.kill()
     p.wait(timeout=30)
 
 

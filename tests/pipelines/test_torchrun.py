@@ -40,13 +40,14 @@ def _free_port() -> int:
 
 def _kill_tree(p: subprocess.Popen) -> None:
     """SIGKILL a torchrun agent and its workers (which torchrun starts in sessions of their own)."""
-    try:
-        kids = psutil.Process(p.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kids = []
-    for q in [p, *kids]:
-        with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
-            os.kill(q.pid, signal.SIGKILL)
+    if p.poll() is not None:  # exited and reaped: its pid may be another process's by now
+        return
+    with contextlib.suppress(psutil.NoSuchProcess):
+        top = psutil.Process(p.pid)
+        tree = [top, *top.children(recursive=True)]
+        for q in tree:  # the parent first, so that it cannot start a replacement; psutil checks pid reuse
+            with contextlib.suppress(psutil.NoSuchProcess):
+                q.kill()
     p.wait(timeout=30)
 
 
