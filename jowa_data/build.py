@@ -193,20 +193,50 @@ def run_task(spec: dict[str, Any], progress: Callable[[int], None] | None = None
 
 # --- running the tasks ------------------------------------------------------------------------------
 
+def task_resources(device: str) -> dict[str, float] | None:
+    """The dask worker resources a build task asks for: one `GPU` when it tokenizes on CUDA (so a cluster of
+    GPU and CPU nodes sends it only to workers started with `--resources GPU=1`), none otherwise."""
+    return {"GPU": 1} if device.startswith("cuda") else None
+
+
+def is_distributed_scheduler(scheduler: str) -> bool:
+    return scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://"))
+
+
+def _iter_distributed(specs: list[dict], scheduler: str, bar) -> Iterator[dict]:
+    """Run `specs` on a dask cluster. A worker lost mid-task (killed, node gone) costs only a rerun of its tasks on
+    the others: the scheduler reschedules them (up to distributed.scheduler.allowed-failures times each) and a
+    task rewrites its outputs from scratch. A task that keeps killing workers ends the build with one line; the
+    rerun of the same command resumes from the finished tasks."""
+    from distributed import Client, KilledWorker, as_completed
+
+    resources = task_resources(specs[0]["device"])
+    with Client(scheduler) as client:
+        if resources:
+            offered = [w for w in client.scheduler_info(n_workers=-1)["workers"].values()
+                       if w.get("resources", {}).get("GPU", 0) >= 1]
+            if not offered:
+                print(f"warning: no worker of {scheduler} offers the GPU resource; the build waits for one "
+                      "(start GPU workers with `dask worker ... --resources GPU=1`)", file=sys.stderr, flush=True)
+        futs = client.map(run_task, specs, key=[f"jowa-build-{s['key']}" for s in specs], pure=False,
+                          retries=1, resources=resources)
+        for f in as_completed(futs):
+            try:
+                r = f.result()
+            except KilledWorker as e:
+                last = getattr(e.last_worker, "address", e.last_worker)
+                raise DatasetError(f"{specs[0]['out_dir']}: build task {e.task} killed every dask worker that ran "
+                                   f"it (last {last}); rerun the same command to resume") from None
+            bar.update(r["rows"])
+            yield r
+
+
 def _iter_results(specs: list[dict], scheduler: str, workers: int, bar) -> Iterator[dict]:
     """Run `specs` on the chosen dask scheduler; yield each result (order not guaranteed)."""
     if not specs:
         return
-    if scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
-        from distributed import Client, as_completed
-
-        with Client(scheduler) as client:
-            futs = client.map(run_task, specs, key=[f"jowa-build-{s['key']}" for s in specs], pure=False,
-                              retries=1)
-            for f in as_completed(futs):
-                r = f.result()
-                bar.update(r["rows"])
-                yield r
+    if is_distributed_scheduler(scheduler):
+        yield from _iter_distributed(specs, scheduler, bar)
         return
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"--scheduler must be one of {SCHEDULERS} or tcp://HOST:PORT, got {scheduler!r}")
@@ -439,6 +469,7 @@ def _build_locked(out: Path, plan: dict, plan_bytes: bytes, index, index_meta: d
                 timings[k] += r[k]
     wall = time.perf_counter() - t_run
     t_fin = time.perf_counter()
+    remove_build_leftovers(out)  # temp files of tasks whose dask worker was killed (the tasks ran again elsewhere)
     _finalise(out, plan, index, index_meta, manifests, cfg)
     return {"out": str(out), "status": "repaired" if repaired else "built", "repaired": repaired,
             "tasks": len(plan["tasks"]), "built_tasks": len(pending), "index_s": t_index, "run_s": wall, "finalise_s": time.perf_counter() - t_fin,

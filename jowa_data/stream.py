@@ -22,6 +22,7 @@ DataLoader's round-robin returns in order. State = (epoch, next batch), enough f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class TokenCache:
     ep_length: np.ndarray  # (E,) int64
     ep_game: np.ndarray  # (E,) int64 game index
     directory: Path | None = None
+    made: bool = False  # decoded by this call (False: an existing fresh cache was mapped)
 
     @property
     def num_transitions(self) -> int:
@@ -97,6 +99,18 @@ def _episode_table(dataset_dir: Path, info: DatasetInfo) -> tuple[np.ndarray, np
 
 def default_cache_dir(dataset_dir: Path, backend: str) -> Path:
     return Path(dataset_dir) / "_cache" / f"{backend}-v{CACHE_VERSION}"
+
+
+def cache_location(dataset_dir: str | Path, backend: str = "zarr", cache_root: str | Path | None = None) -> Path:
+    """Where the token cache of `dataset_dir` lives: inside the dataset (`_cache/`) by default, or under
+    `cache_root` (a node-local disk, or any writable folder when the dataset is read-only or shared) in a
+    subfolder named after the dataset and a hash of its absolute path, so that one root serves many datasets."""
+    if not cache_root:
+        return default_cache_dir(Path(dataset_dir), backend)
+    from jowa_common.io import sha256_bytes
+
+    d = Path(dataset_dir).resolve()
+    return Path(cache_root) / f"{d.name}-{sha256_bytes(str(d).encode())[:12]}" / f"{backend}-v{CACHE_VERSION}"
 
 
 def build_cache(dataset_dir: str | Path, backend: str = "zarr", cache_dir: str | Path | None = None,
@@ -140,8 +154,6 @@ def _decode_into_cache(d: Path, info: DatasetInfo, be, backend: str, cdir: Path,
     # Tokens/actions/terminals go straight into memory-mapped temp files (bounded RAM at paper scale);
     # rewards (4 B/row) are kept in RAM to decide their dtype: exact small integers in DQN-Replay (clipped
     # to -1/0/1) are stored as int8.
-    import contextlib
-
     with contextlib.ExitStack() as stack:
         tmps = {f: stack.enter_context(atomic_path(cdir / f"{f}.npy", suffix=".npy")) for f in CACHE_FIELDS}
         shapes = {"tokens": (n, TOKENS_PER_FRAME), "actions": (n,), "terminals": (n,)}
@@ -207,10 +219,17 @@ def load_cache(dataset_dir: str | Path, backend: str = "zarr", cache_dir: str | 
     if backend not in info.formats:
         raise DatasetError(f"{d / 'info.json'}: dataset has no '{backend}' data (formats: {info.formats})")
     cdir = Path(cache_dir) if cache_dir else default_cache_dir(d, backend)
+    made = False
     if not _cache_fresh(d, info, backend, cdir):
-        with folder_lock(cdir, "token cache", wait=True):
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(folder_lock(cdir, "token cache", wait=True))
+            except OSError as e:  # a read-only mount (EROFS), no permission, a file in the way
+                raise DatasetError(f"{cdir}: cannot make the token cache there ({e.strerror}); a read-only or "
+                                   "shared dataset needs data.cache_dir (a writable folder)") from None
             if not _cache_fresh(d, info, backend, cdir):  # another rank may have made it while we waited
                 build_cache(d, backend, cdir, progress=progress)
+                made = True
     arrs = {}
     for f in CACHE_FIELDS:
         p = cdir / f"{f}.npy"
@@ -222,7 +241,7 @@ def load_cache(dataset_dir: str | Path, backend: str = "zarr", cache_dir: str | 
     games = info.game_names
     return TokenCache(**arrs, games=games,
                       task_ids=np.array([info.games[g]["task_id"] for g in games], dtype=np.int64),
-                      ep_start=ep_start, ep_length=ep_length, ep_game=ep_game, directory=cdir)
+                      ep_start=ep_start, ep_length=ep_length, ep_game=ep_game, directory=cdir, made=made)
 
 
 # --- segment index and epoch order ----------------------------------------------------------------

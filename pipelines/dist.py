@@ -10,9 +10,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -73,3 +76,21 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y / info.world_size
+
+
+def node_first(info: DistInfo, fn: Callable[[], T], timeout_s: int = 24 * 3600) -> T:
+    """Run `fn` on each node's local rank 0 first; every other rank waits at a barrier, then runs `fn` itself.
+
+    Why: work that each node does once into a shared place (the token cache) is done by one process per node
+    while the others wait, instead of all of them racing for it. The barrier has its own gloo group with a long
+    timeout (decoding a paper-scale cache can outlast the training group's); a rank that dies breaks it at once.
+    """
+    if not info.distributed:
+        return fn()
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        first = fn() if info.local_rank == 0 else None
+        dist.barrier(group=group)
+    finally:
+        dist.destroy_process_group(group)
+    return first if info.local_rank == 0 else fn()

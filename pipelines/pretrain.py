@@ -18,6 +18,7 @@ dropped, so the curve continues as if never interrupted.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from jowa_model.checkpoint import FORMAT, model_state
 from jowa_model.losses import LossConfig, compute_loss, term_counts
 from jowa_model.presets import model_preset
 from jowa_model.world_action import WorldActionConfig, WorldActionModel
-from pipelines.dist import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
+from pipelines.dist import DistInfo, all_reduce_mean, barrier, init_distributed, node_first, shutdown
 from pipelines.heldout import heldout_eval, world_accuracy
 from pipelines.train_core import (MetricsLog, OptimConfig, Progress, RunFiles, autocast_ctx, endless,
                                   make_optimizer, optimizer_step, rng_state, set_rng_state, set_stage, to_device)
@@ -53,6 +54,8 @@ class DataConfig:
     weights: str = "uniform"  # per-game sampling: uniform | proportional
     eval_dataset: str = ""  # optional held-out dataset: accuracies vs unigram/majority baselines
     eval_batches: int = 8  # batches of the held-out set per evaluation
+    cache_dir: str = ""  # token caches go under this folder ("": in the dataset's _cache/); set it when the
+    # dataset folder is read-only or shared between nodes (a node-local disk: each node decodes its own copy)
 
 
 @dataclass
@@ -169,6 +172,31 @@ def imagined_rollout_png(model: WorldActionModel, tokenizer, batch: dict[str, to
 # --------------------------------------------------------------------------------------------- run
 
 
+def node_token_cache(data: DataConfig, info: DistInfo, dataset: str):
+    """The token cache of `dataset`, decoded at most once per node: local rank 0 makes it (if missing or stale)
+    while the node's other ranks wait at a barrier, then they map the finished files. The rank that decoded says
+    so on stderr (one line), so a run shows how often it happened."""
+    from jowa_data.stream import cache_location, load_cache
+
+    cdir = cache_location(dataset, data.backend, data.cache_dir or None)
+    cache = node_first(info, lambda: load_cache(dataset, data.backend, cdir, progress=info.is_main))
+    if cache.made:
+        print(f"token cache of {dataset} decoded into {cdir} by rank {info.rank} (local rank {info.local_rank})",
+              file=sys.stderr, flush=True)
+    return cache
+
+
+def replicas_digest(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer, bit for bit: equal on all ranks iff DDP kept the replicas identical."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _check_resume_config(saved: dict, now: dict, path: Path) -> None:
     diff = [k for k in SHAPE_FIELDS if _get(saved, k) != _get(now, k)]
     if diff:
@@ -202,7 +230,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, stop_after: int | None = None
 def _pretrain(cfg: PretrainConfig, run: RunFiles, info: DistInfo, stop_after: int | None,
               on_step: Callable[[int, dict], None] | None) -> dict[str, Any]:
     from jowa_data.manifest import action_mask_table, load_manifests
-    from jowa_data.stream import SegmentStream
+    from jowa_data.stream import SegmentStream, cache_location
 
     if cfg.data.batch_size % info.world_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the world size {info.world_size}")
@@ -220,15 +248,17 @@ def _pretrain(cfg: PretrainConfig, run: RunFiles, info: DistInfo, stop_after: in
     torch.manual_seed(cfg.seed + 1000 * info.rank)  # dropout masks differ across ranks
     stream = SegmentStream(cfg.data.dataset, batch_size=per_rank, seq_len=cfg.data.seq_len, seed=cfg.seed,
                            rank=info.rank, world_size=info.world_size, backend=cfg.data.backend,
-                           stride=cfg.data.stride, weights=cfg.data.weights, progress=info.is_main)
+                           stride=cfg.data.stride, weights=cfg.data.weights,
+                           cache=node_token_cache(cfg.data, info, cfg.data.dataset))
     if len(stream) == 0:
         raise ConfigError(f"{cfg.data.dataset}: {stream.num_segments} segments are fewer than one global batch "
                           f"of {cfg.data.batch_size}: lower data.batch_size")
     eval_stream = None
     if cfg.data.eval_dataset and info.is_main:
+        eval_cache = cache_location(cfg.data.eval_dataset, cfg.data.backend, cfg.data.cache_dir or None)
         eval_stream = SegmentStream(cfg.data.eval_dataset, batch_size=per_rank, seq_len=cfg.data.seq_len,
                                     seed=cfg.seed + 1, rank=0, world_size=1, backend=cfg.data.backend,
-                                    stride=cfg.data.seq_len)
+                                    stride=cfg.data.seq_len, cache_dir=eval_cache)
 
     step, opt_state = 0, None
     latest = run.latest()
@@ -272,17 +302,21 @@ def _pretrain(cfg: PretrainConfig, run: RunFiles, info: DistInfo, stop_after: in
     model.train()
 
     def save(s: int) -> None:
-        rngs = [rng_state(device)]
-        if info.distributed:  # every rank's dropout RNG (CPU and CUDA), for an exact resume
+        rngs, digests = [rng_state(device)], []
+        if info.distributed:  # every rank's dropout RNG (CPU and CUDA) for an exact resume, and its weights' digest
             import torch.distributed as dist
 
-            rngs = [None] * info.world_size
-            dist.all_gather_object(rngs, rng_state(device))
+            gathered = [None] * info.world_size
+            dist.all_gather_object(gathered, (rng_state(device), replicas_digest(model)))
+            rngs, digests = [r for r, _ in gathered], [h for _, h in gathered]
+            if info.is_main and len(set(digests)) > 1:
+                print(f"warning: step {s}: the ranks hold different weights (DDP replicas diverged); "
+                      f"checkpointing rank 0's", file=sys.stderr, flush=True)
         if info.is_main:
             ckpt = model_state(model) | {
                 "optimizer": opt.state_dict(),
                 "train": {"step": s, "stage": stage_of(s), "config": json.dumps(cfg_dict),
-                          "stream": stream.state_dict(), "rng": rngs}}
+                          "stream": stream.state_dict(), "rng": rngs, "replica_sha256": digests}}
             atomic_torch_save(ckpt, run.ckpt_path(s))
             run.prune(cfg.keep_ckpts)
         barrier(info)

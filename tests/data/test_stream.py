@@ -163,3 +163,28 @@ def test_missing_backend_is_a_clear_error(tmp_path):
     write_dataset(d, [reg.get("Pong")], {"Pong": episodes()["Pong"][:2]}, formats=("zarr",))
     with pytest.raises(DatasetError, match="no 'wds' data"):
         SegmentStream(d, backend="wds", rank=0, world_size=1)
+
+
+def test_cache_outside_an_unwritable_dataset(tmp_path):
+    """A dataset whose folder cannot be written: the default cache location is refused in one line saying what to
+    set, and `cache_location(..., cache_root)` puts the cache elsewhere with the dataset left as it was. (Tests may
+    run as root, whom chmod does not stop: a file where the `_cache` folder would go stands in for the mount.)"""
+    from jowa_common.errors import DatasetError
+    from jowa_data.stream import cache_location, load_cache
+
+    reg = load_manifests()
+    d = tmp_path / "ds"
+    write_dataset(d, [reg.get("Pong")], {"Pong": episodes()["Pong"][:2]}, formats=("zarr",))
+    (d / "_cache").write_text("in the way")
+    before = {p: p.stat().st_mtime_ns for p in d.rglob("*")}
+    with pytest.raises(DatasetError, match=r"_cache/zarr-v2: cannot make the token cache there .*data\.cache_dir"):
+        load_cache(d)
+    cdir = cache_location(d, "zarr", tmp_path / "caches")
+    assert cdir.parent.parent == tmp_path / "caches" and cdir.parent.name.startswith("ds-")
+    assert cache_location(d, "zarr") == d / "_cache" / "zarr-v2"
+    c = load_cache(d, "zarr", cdir)
+    assert c.made and c.directory == cdir and (cdir / "meta.json").is_file()
+    assert not load_cache(d, "zarr", cdir).made  # fresh: mapped, not decoded again
+    s = SegmentStream(d, batch_size=2, rank=0, world_size=1, cache_dir=cdir)
+    assert s.cache.num_transitions == sum(len(e.actions) for e in episodes()["Pong"][:2])
+    assert {p: p.stat().st_mtime_ns for p in d.rglob("*")} == before
