@@ -7,7 +7,7 @@ import time
 
 import click
 
-from jowa_data.cli_util import echo_json, stdout_console
+from jowa_data.cli_util import cache_option, echo_json, stdout_console
 
 
 def _parse_ckpts(value: str | None) -> list[int] | None:
@@ -34,19 +34,23 @@ def _parse_ckpts(value: str | None) -> list[int] | None:
               help="Also decompress every observation file once (verifies the gzip CRCs; reports frames/s).")
 @click.option("--decoder", type=click.Choice(["auto", "isal", "rapidgzip", "gzip"]), default="auto",
               show_default=True, help="Gzip decoder.")
+@cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def replay_scan_cmd(root: str, game: str, run: str, checkpoints: str | None, allow_gaps: bool, read_frames: bool,
-                    decoder: str, as_json: bool) -> None:
+                    decoder: str, cache: str | None, as_json: bool) -> None:
     """Scan ROOT/GAME/RUN/replay_logs (local path or fsspec URL): checkpoints, episodes, padding, dropped rows."""
     from tqdm import tqdm
 
     from jowa_data.npy_stream import resolve_decoder
     from jowa_data.replay import inspect_run, iter_episodes
+    from jowa_data.roots import open_root
 
     try:
         decoder = resolve_decoder(decoder)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--decoder")
+    shown = root
+    root = open_root(root, cache)
     t0 = time.perf_counter()
     scan = inspect_run(root, game, run, _parse_ckpts(checkpoints), allow_gaps=allow_gaps, decoder=decoder)
     report = scan.to_dict()
@@ -68,7 +72,7 @@ def replay_scan_cmd(root: str, game: str, run: str, checkpoints: str | None, all
         return
     from rich.table import Table
 
-    t = Table(title=f"DQN-Replay {game}/{run} ({root})")
+    t = Table(title=f"DQN-Replay {game}/{run} ({shown})")
     t.add_column("field")
     t.add_column("value", justify="right")
     for k, v in report.items():

@@ -102,6 +102,13 @@ def manifests_option(f):
                         help="Manifest folder(s) to use instead of the shipped manifests/ (repeatable).")(f)
 
 
+def cache_option(f):
+    """`--cache DIR`: keep a local copy of each remote replay file read (fsspec filecache); none for local roots."""
+    return click.option("--cache", "cache", type=click.Path(file_okay=False), default=None,
+                        help="Local cache folder for a remote replay root (URL): each file read is copied there "
+                             "whole on first use and read from there afterwards. Default: stream, keep nothing.")(f)
+
+
 def load_registry(manifest_dirs: tuple[str, ...]):
     from jowa_data.manifest import load_manifests
 
