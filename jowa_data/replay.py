@@ -109,14 +109,14 @@ class _Loc:
         if not self.fs:
             return os.path.isdir(self.path)
         try:
-            return bool(self._remote("read this folder", lambda: self.fs.isdir(self.path)))
+            return bool(self._remote("read this folder", lambda: self.root.meta.isdir(self.path)))
         except FileNotFoundError:
             return False
 
     def listdir(self) -> list[str]:
         if not self.fs:
             return sorted(os.listdir(self.path))
-        names = self._remote("list this folder", lambda: self.fs.ls(self.path, detail=False))
+        names = self._remote("list this folder", lambda: self.root.meta.ls(self.path, detail=False))
         out = {posixpath.basename(str(p).rstrip("/")) for p in names}
         if self.root.quoted_listing:
             from urllib.parse import unquote
@@ -126,11 +126,16 @@ class _Loc:
 
     def sizes(self) -> dict[str, int]:
         """name -> size in bytes of the files in this folder (sub-folders left out)."""
+        return {n: int(e["size"]) for n, e in self.file_infos().items()}
+
+    def file_infos(self) -> dict[str, dict]:
+        """name -> what the listing says of each file (`size` always; remote stores add their checksums, e.g.
+        GCS `md5Hash`, S3 `ETag`). One listing request (http: plus one HEAD per file, for the size)."""
         if not self.fs:
-            return {n: os.path.getsize(os.path.join(self.path, n)) for n in sorted(os.listdir(self.path))
+            return {n: {"size": os.path.getsize(os.path.join(self.path, n))} for n in sorted(os.listdir(self.path))
                     if os.path.isfile(os.path.join(self.path, n))}
         out = {}
-        for e in self._remote("list this folder", lambda: self.fs.ls(self.path, detail=True)):
+        for e in self._remote("list this folder", lambda: self.root.meta.ls(self.path, detail=True)):
             if e.get("type") != "file":
                 continue
             n = posixpath.basename(str(e["name"]).rstrip("/"))
@@ -138,12 +143,18 @@ class _Loc:
                 from urllib.parse import unquote
 
                 n = unquote(n)
-            size = e.get("size")
-            if size is None:  # http listings carry no sizes: ask the server (HEAD)
+            if e.get("size") is None:  # http listings carry no sizes: ask the server (HEAD)
                 c = self.child(n)
-                size = c._remote("read the size", lambda: c.fs.size(c.path))
-            out[n] = int(size or 0)
+                e = {**e, "size": c._remote("read the size", lambda: c.root.meta.size(c.path))}
+            out[n] = {**e, "size": int(e["size"] or 0)}
         return dict(sorted(out.items()))
+
+    def open_raw(self, name: str) -> IO[bytes]:
+        """`<this folder>/<name>` as stored (no decompression), streamed; FileNotFoundError when absent."""
+        loc = self.child(name)
+        if not loc.fs:
+            return open(loc.path, "rb")
+        return loc._remote("open this file", lambda: loc.fs.open(loc.path, "rb", block_size=STREAM_BLOCK))
 
     def open_gz(self, name: str, decoder: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         """Open `<this folder>/<name>` decompressed; a missing file is a ReplayFormatError.

@@ -67,6 +67,13 @@ class ReplayRoot:
     fs: Any = None  # fsspec AbstractFileSystem, None = local disk
     cache: str | None = None  # local cache folder (filecache::), None = stream every read
     quoted_listing: bool = False  # listings are percent-encoded URLs (http(s): `$store$` is listed as %24store%24)
+    lister: Any = None  # the filesystem asked for listings and sizes: `fs` itself, or the one a cache layer wraps
+
+    @property
+    def meta(self) -> Any:
+        """Filesystem for metadata calls (isdir, ls, info). A cache layer only caches file contents, and its
+        generic isdir/info fail on some stores (an http host root), so metadata goes to the store itself."""
+        return self.lister if self.lister is not None else self.fs
 
     def __str__(self) -> str:
         return self.url if self.fs is not None else self.path
@@ -111,7 +118,9 @@ def open_root(root: "str | os.PathLike | ReplayRoot", cache: str | os.PathLike |
     except ValueError as e:
         raise ConfigError(f"{url}: not a usable replay root URL ({e}); use a local path or an fsspec URL such "
                           "as gs://atari-replay-datasets/dqn, s3://BUCKET/PATH, https://HOST/PATH") from e
-    base = getattr(fs, "fs", None) or fs  # a caching layer wraps the real filesystem
+    from fsspec.implementations.cached import CachingFileSystem
+
+    base = fs.fs if isinstance(fs, CachingFileSystem) else fs  # a caching layer wraps the real filesystem
     protos = base.protocol if isinstance(base.protocol, (tuple, list)) else (base.protocol,)
     return ReplayRoot(url=url, path=path.rstrip("/") or path, fs=fs, cache=cache,
-                      quoted_listing=any(p in ("http", "https") for p in protos))
+                      quoted_listing=any(p in ("http", "https") for p in protos), lister=base)
