@@ -54,6 +54,7 @@ class BuildConfig:
     selection: Any = None  # subsample.SubsampleOptions (runs, num_runs, checkpoints, ...); None = manifests'
     progress: bool = True  # tqdm bar on stderr (frames/s, ETA)
     verify: str = "size"  # on a finished dataset: off | size (every file there, its size) | full (+ sha256)
+    replay_cache: str | None = None  # local cache folder for a remote replay root (changes no output byte)
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in info.json["source"] as given
 
 
@@ -93,25 +94,67 @@ def make_plan(index, index_meta: dict, manifests: Sequence[GameManifest], replay
 
 # --- one task (runs on a dask worker) --------------------------------------------------------------
 
-def read_task_frames(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(frames (N,84,84) u8, minimal actions (N,), rewards (N,) f32, terminals (N,) u8) of the task's episodes."""
-    from jowa_data.replay import iter_episodes
-    from jowa_data.subsample import scan_range
+def task_episode_refs(root: Any, spec: dict[str, Any]) -> list:
+    """The EpisodeRefs of a task's episodes (plan order), scanning only the checkpoints they live in.
 
-    root = Path(spec["replay_root"])
-    where = root / spec["game"] / str(spec["run"])
-    scanned, _ = scan_range(root, spec["game"], spec["run"], tuple(spec["checkpoints"]), spec.get("allow_gaps", False))
-    by_ep = {int(e.episode): e for e in scanned}
-    refs, offsets = [], {}
-    i = 0
+    A task reads the small files of the checkpoints from its first episode's start to its last episode's end
+    (plus the terminal/add_count of the checkpoint before, which tells whether the first one starts mid-episode),
+    never the whole run: with a remote root every task then touches only its own files. Episodes are matched by
+    their stable id (checkpoint, row) and length; the stitching rules are those of the index's scan
+    (`subsample.scan_range`), so the same (checkpoint, row) gives the same episode.
+    """
+    from jowa_data.replay import checkpoint_files, run_logs, scan_run
+
+    game, run = spec["game"], spec["run"]
+    logs = run_logs(root, game, run)
+    a, b = spec["checkpoints"]
+    listed = sorted(checkpoint_files(logs))
+    in_range = [c for c in listed if a <= c <= b]
+    # scan_range reads the range plus the checkpoint after it: an episode never extends past that.
+    bound = in_range + ([in_range[-1] + 1] if in_range and in_range[-1] + 1 in listed else [])
+    want = {(int(ckpt), int(row)): int(length) for _, ckpt, row, length in spec["episodes"]}
+    first = min(c for c, _ in want)
+    starts = [i for i, c in enumerate(bound) if c == max(c for c, _ in want)]
+    if first not in bound or not starts:
+        raise DatasetError(f"{logs}: checkpoints {sorted({c for c, _ in want})} of the planned episodes are not "
+                           f"in the replay (present: {listed}); the replay changed since this build was planned")
+    hi = min(starts[0] + 1, len(bound) - 1)
+    while True:
+        sel = [c for c in bound[:hi + 1] if c >= first]
+        found = {tuple(int(x) for x in r.start): r
+                 for r in scan_run(root, game, run, checkpoints=sel, allow_gaps=spec.get("allow_gaps", False))}
+        cut = any(k in found and not found[k].complete and int(found[k].length) < n for k, n in want.items())
+        if not cut or hi == len(bound) - 1:
+            break
+        hi += 1  # an episode runs on past the scanned checkpoints (only with small buffers): read one more
+    refs = []
     for ep, ckpt, row, length in spec["episodes"]:
-        ref = by_ep.get(ep)
-        if ref is None or tuple(ref.start) != (ckpt, row) or int(ref.length) != length:
-            raise DatasetError(f"{where}: episode {ep} (ckpt {ckpt}, row {row}, {length} steps) is no longer in "
+        ref = found.get((int(ckpt), int(row)))
+        if ref is None or int(ref.length) != length:
+            raise DatasetError(f"{logs}: episode {ep} (ckpt {ckpt}, row {row}, {length} steps) is no longer in "
                                "the replay as indexed; the replay changed since this build was planned (use a new --out)")
         refs.append(ref)
-        offsets[ep] = i
-        i += length
+    return refs
+
+
+def read_task_frames(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(frames (N,84,84) u8, minimal actions (N,), rewards (N,) f32, terminals (N,) u8) of the task's episodes.
+
+    `spec["replay_root"]`: a local folder or an fsspec URL; `spec["replay_cache"]` (optional): a local cache
+    folder. Only the task's own checkpoint files are opened, and the observation files are streamed.
+    """
+    from jowa_data.replay import iter_episodes
+    from jowa_data.roots import open_root
+
+    root = open_root(spec["replay_root"], spec.get("replay_cache"))
+    where = f"{root}/{spec['game']}/{spec['run']}" if root.fs is not None else \
+        str(Path(root.path) / spec["game"] / str(spec["run"]))
+    refs = task_episode_refs(root, spec)
+    offsets: dict[tuple[int, int], int] = {}
+    i = 0
+    for ref in refs:
+        offsets[tuple(int(x) for x in ref.start)] = i
+        i += int(ref.length)
     n = i
     frames = np.empty((n, 84, 84), dtype=np.uint8)
     actions = np.empty(n, dtype=np.int64)
@@ -120,7 +163,7 @@ def read_task_frames(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.n
     seen = 0
     # iter_episodes reads each observation file once, sequentially, for all of the task's episodes.
     for e in iter_episodes(root, spec["game"], spec["run"], refs=refs):
-        o, length = offsets[int(e.ref.episode)], int(e.ref.length)
+        o, length = offsets[tuple(int(x) for x in e.ref.start)], int(e.ref.length)
         if e.frames.shape != (length, 84, 84):
             raise ReplayFormatError(f"{where}: episode {e.ref.episode}: frames have shape {e.frames.shape}, "
                                     f"expected ({length}, 84, 84)")
@@ -362,10 +405,15 @@ def _finalise(out: Path, plan: dict, index, index_meta: dict, manifests: Sequenc
 
 # --- entry point ------------------------------------------------------------------------------------
 
-def build_dataset(manifests: Sequence[GameManifest], replay_root: str | Path, tokenizer_path: str | Path,
+def build_dataset(manifests: Sequence[GameManifest], replay_root: Any, tokenizer_path: str | Path,
                   out_dir: str | Path, cfg: BuildConfig | None = None) -> dict[str, Any]:
-    """Build (or resume, or confirm) a token dataset. Returns a summary with per-stage timings."""
-    from jowa_data.subsample import build_index, index_metadata
+    """Build (or resume, or confirm) a token dataset. Returns a summary with per-stage timings.
+
+    `replay_root`: a local folder or an fsspec URL (gs://atari-replay-datasets/dqn, s3://, https://, ...). The
+    data files are the same bytes either way; plan.json and info.json record where the replay was read from.
+    """
+    from jowa_data.roots import open_root, root_url
+    from jowa_data.subsample import METADATA_KEY, build_index, index_metadata
     from jowa_data.tokenize import tokenizer_checksum
 
     cfg = cfg or BuildConfig()
@@ -386,10 +434,15 @@ def build_dataset(manifests: Sequence[GameManifest], replay_root: str | Path, to
 
         raise CheckpointError(f"{tok_path}: tokenizer checkpoint not found")
     t_start = time.perf_counter()
-    index = build_index(list(manifests), replay_root, seed=cfg.seed, fraction=cfg.fraction,
+    root = open_root(replay_root, cfg.replay_cache)
+    index = build_index(list(manifests), root, seed=cfg.seed, fraction=cfg.fraction,
                         transitions=cfg.transitions, options=cfg.selection)
     index_meta = index_metadata(index)
-    plan = make_plan(index, index_meta, manifests, str(Path(replay_root).resolve()), tokenizer_checksum(tok_path), cfg)
+    # episodes.parquet describes the data, not where it was read from (plan.json and info.json say that): the
+    # same replay files give the same bytes from a local folder or a bucket.
+    index_meta.pop("replay_root", None)
+    index = index.replace_schema_metadata({METADATA_KEY: json.dumps(index_meta, sort_keys=True).encode()})
+    plan = make_plan(index, index_meta, manifests, root_url(root), tokenizer_checksum(tok_path), cfg)
     plan_bytes = (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode()
     t_index = time.perf_counter() - t_start
 
@@ -455,7 +508,7 @@ def _build_locked(out: Path, plan: dict, plan_bytes: bytes, index, index_meta: d
 
     common = {"out_dir": str(out.resolve()), "replay_root": plan["replay_root"], "tokenizer": str(tok_path.resolve()),
               "formats": plan["formats"], "device": cfg.device, "precision": cfg.precision,
-              "encode_batch": cfg.encode_batch}
+              "encode_batch": cfg.encode_batch, "replay_cache": cfg.replay_cache}
     pending = [{**t, **common} for t in plan["tasks"] if not task_record_path(out, t["key"]).is_file()]
     total_rows = sum(t["rows"] for t in pending)
     from tqdm import tqdm

@@ -7,15 +7,17 @@ from typing import Any
 
 import click
 
-from jowa_data.cli_util import (echo_json, load_registry, manifests_option, parse_range, parse_runs, stderr_console,
+from jowa_data.cli_util import (cache_option, echo_json, load_registry, manifests_option, parse_range, parse_runs, stderr_console,
                                 stdout_console)
 from jowa_common.errors import ConfigError, DatasetError
 
 
 @click.command("build")
 @click.argument("games", nargs=-1, required=True)
-@click.option("--replay", "replay_root", required=True, type=click.Path(file_okay=False),
-              help="DQN-Replay root (<root>/<Game>/<run>/replay_logs).")
+@click.option("--replay", "replay_root", required=True,
+              help="DQN-Replay root (<root>/<Game>/<run>/replay_logs): a folder or a URL such as "
+                   "gs://atari-replay-datasets/dqn (each task streams only its own checkpoints' files).")
+@cache_option
 @click.option("--tokenizer", "tokenizer", required=True, type=click.Path(dir_okay=False),
               help="Frozen tokenizer checkpoint (jowa tokenizer train / save_tokenizer).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Dataset folder to write.")
@@ -42,7 +44,7 @@ from jowa_common.errors import ConfigError, DatasetError
                    "the damaged tasks.")
 @manifests_option
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
-def build_cmd(games, replay_root, tokenizer, out, fmt, scheduler, workers, task_transitions, encode_batch, device,
+def build_cmd(games, replay_root, cache, tokenizer, out, fmt, scheduler, workers, task_transitions, encode_batch, device,
               precision, seed, fraction, transitions, runs, num_runs, checkpoints, include_incomplete,
               allow_fewer_runs, verify, manifest_dirs, as_json) -> None:
     """Subsample, tokenize and write token shards (resumable: rerun the same command after a kill; on a
@@ -60,7 +62,7 @@ def build_cmd(games, replay_root, tokenizer, out, fmt, scheduler, workers, task_
     cfg = BuildConfig(formats=("zarr", "wds") if fmt == "both" else (fmt,), scheduler=scheduler, workers=workers,
                       task_transitions=task_transitions, encode_batch=encode_batch, device=device,
                       precision=precision, seed=seed, fraction=fraction, transitions=transitions, selection=sel,
-                      progress=not as_json, verify=verify)
+                      progress=not as_json, verify=verify, replay_cache=cache)
     summary = build_dataset(manifests, replay_root, tokenizer, out, cfg)
     if as_json:
         echo_json(summary)

@@ -7,21 +7,8 @@ import time
 
 import click
 
-from jowa_data.cli_util import echo_json, stdout_console
-
-
-def _parse_ckpts(value: str | None) -> list[int] | None:
-    """"1-50", "3,4,6" or "7" → suffix list."""
-    if value is None:
-        return None
-    out: list[int] = []
-    try:
-        for part in value.replace(" ", "").split(","):
-            a, _, b = part.partition("-")
-            out.extend(range(int(a), int(b if b else a) + 1))
-    except ValueError:
-        raise click.BadParameter(f"expected suffixes like 1-50 or 3,4,6, got {value!r}")
-    return out
+from jowa_data.cli_util import cache_option, echo_json, parse_runs, parse_suffixes, stdout_console
+from jowa_data.download import DEFAULT_SOURCE
 
 
 @click.command("replay-scan")
@@ -34,21 +21,25 @@ def _parse_ckpts(value: str | None) -> list[int] | None:
               help="Also decompress every observation file once (verifies the gzip CRCs; reports frames/s).")
 @click.option("--decoder", type=click.Choice(["auto", "isal", "rapidgzip", "gzip"]), default="auto",
               show_default=True, help="Gzip decoder.")
+@cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def replay_scan_cmd(root: str, game: str, run: str, checkpoints: str | None, allow_gaps: bool, read_frames: bool,
-                    decoder: str, as_json: bool) -> None:
+                    decoder: str, cache: str | None, as_json: bool) -> None:
     """Scan ROOT/GAME/RUN/replay_logs (local path or fsspec URL): checkpoints, episodes, padding, dropped rows."""
     from tqdm import tqdm
 
     from jowa_data.npy_stream import resolve_decoder
     from jowa_data.replay import inspect_run, iter_episodes
+    from jowa_data.roots import open_root
 
     try:
         decoder = resolve_decoder(decoder)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--decoder")
+    shown = root
+    root = open_root(root, cache)
     t0 = time.perf_counter()
-    scan = inspect_run(root, game, run, _parse_ckpts(checkpoints), allow_gaps=allow_gaps, decoder=decoder)
+    scan = inspect_run(root, game, run, parse_suffixes(checkpoints), allow_gaps=allow_gaps, decoder=decoder)
     report = scan.to_dict()
     report["decoder"] = decoder
     report["scan_seconds"] = round(time.perf_counter() - t0, 3)
@@ -68,7 +59,7 @@ def replay_scan_cmd(root: str, game: str, run: str, checkpoints: str | None, all
         return
     from rich.table import Table
 
-    t = Table(title=f"DQN-Replay {game}/{run} ({root})")
+    t = Table(title=f"DQN-Replay {game}/{run} ({shown})")
     t.add_column("field")
     t.add_column("value", justify="right")
     for k, v in report.items():
@@ -78,4 +69,31 @@ def replay_scan_cmd(root: str, game: str, run: str, checkpoints: str | None, all
     stdout_console().print(t)
 
 
-COMMANDS = [replay_scan_cmd]
+@click.command("download")
+@click.argument("game")
+@click.option("--runs", required=True, help="Runs to copy, e.g. 1,2 (DQN-Replay has 1..5).")
+@click.option("--checkpoints", required=True, help="Checkpoint suffixes, e.g. 0-50, 1-50 or 3,4,6.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Local replay root to copy into (<out>/<Game>/<run>/replay_logs).")
+@click.option("--source", default=DEFAULT_SOURCE, show_default=True,
+              help="Where to copy from: the public DQN-Replay bucket (needs jowa[gcs]) or any fsspec URL / folder.")
+@click.option("--recheck", is_flag=True, help="Also re-hash files already copied against their recorded sha256.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def download_cmd(game: str, runs: str, checkpoints: str, out: str, source: str, recheck: bool, as_json: bool) -> None:
+    """Copy GAME's --runs x --checkpoints of DQN-Replay to a local root: resumable (rerun after a kill: complete,
+    verified files are skipped), atomic (temp file + rename), checked (size, and md5 where the store lists one;
+    sha256 recorded in <run>/.jowa-download.json)."""
+    from jowa_data.download import download
+
+    s = download(game, parse_runs(runs) or (), parse_suffixes(checkpoints) or (), out, source=source,
+                 recheck=recheck, progress=not as_json)
+    if as_json:
+        echo_json(s)
+        return
+    stdout_console().print(
+        f"{s['out']}: {game} runs {','.join(map(str, s['runs']))}: {s['files']} files, {s['copied']} copied "
+        f"({s['bytes_copied'] / 1e6:.1f} MB in {s['seconds']:.1f} s, {s['mb_per_s'] or 0:.1f} MB/s), "
+        f"{s['skipped']} already complete")
+
+
+COMMANDS = [replay_scan_cmd, download_cmd]

@@ -6,16 +6,18 @@ from typing import Any
 
 import click
 
-from jowa_data.cli_util import (echo_json, load_registry, manifests_option, parse_range, parse_runs, stderr_console,
-                                stdout_console)
+from jowa_data.cli_util import (cache_option, echo_json, load_registry, manifests_option, parse_range, parse_runs,
+                                stderr_console, stdout_console)
 from jowa_common.errors import ConfigError
 from jowa_data.stats import DEFAULT_STEP_CAP
 
 
 @click.command("subsample")
 @click.argument("games", nargs=-1, required=True)
-@click.option("--replay", "replay_root", required=True, type=click.Path(file_okay=False),
-              help="DQN-Replay root (<root>/<Game>/<run>/replay_logs).")
+@click.option("--replay", "replay_root", required=True,
+              help="DQN-Replay root (<root>/<Game>/<run>/replay_logs): a folder or a URL such as "
+                   "gs://atari-replay-datasets/dqn, s3://BUCKET/PATH, https://HOST/PATH.")
+@cache_option
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Index file to write (.parquet).")
 @click.option("--runs", help="Candidate runs, e.g. 1,2 (alone: use all of them). Default: the manifest's.")
 @click.option("--num-runs", type=int, help="How many of the existing candidate runs to draw. Default: manifest.")
@@ -27,11 +29,12 @@ from jowa_data.stats import DEFAULT_STEP_CAP
 @click.option("--allow-fewer-runs", is_flag=True, help="Take the runs that exist if fewer than --num-runs do.")
 @manifests_option
 @click.option("--json", "as_json", is_flag=True, help="Print the selection as JSON.")
-def subsample_cmd(games: tuple[str, ...], replay_root: str, out: str, runs: str | None, num_runs: int | None,
+def subsample_cmd(games: tuple[str, ...], replay_root: str, cache: str | None, out: str, runs: str | None, num_runs: int | None,
                   checkpoints: str | None, fraction: float | None, transitions: int | None, seed: int | None,
                   include_incomplete: bool, allow_fewer_runs: bool, manifest_dirs: tuple[str, ...],
                   as_json: bool) -> None:
     """Draw a seeded episode index (Parquet) from a DQN-Replay root, per game manifest."""
+    from jowa_data.roots import open_root
     from jowa_data.subsample import SubsampleOptions, build_index, index_metadata, write_index
 
     if fraction is not None and transitions is not None:
@@ -41,7 +44,7 @@ def subsample_cmd(games: tuple[str, ...], replay_root: str, out: str, runs: str 
     opts = SubsampleOptions(seed=seed, runs=parse_runs(runs), num_runs=num_runs,
                             checkpoints=parse_range(checkpoints), fraction=fraction, transitions=transitions,
                             include_incomplete=include_incomplete, allow_fewer_runs=allow_fewer_runs)
-    table = build_index(manifests, replay_root, options=opts, progress=not as_json)
+    table = build_index(manifests, open_root(replay_root, cache), options=opts, progress=not as_json)
     write_index(table, out)
     meta = index_metadata(table, out)
     err = stderr_console()
@@ -66,17 +69,19 @@ def subsample_cmd(games: tuple[str, ...], replay_root: str, out: str, runs: str 
 
 
 @click.command("stats")
-@click.argument("path", type=click.Path())
+@click.argument("path")
+@cache_option
 @click.option("--step-cap", type=int, default=DEFAULT_STEP_CAP, show_default=True,
               help="Episodes at least this long count as hitting the step cap (Dopamine: 27000 agent steps).")
 @manifests_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def stats_cmd(path: str, step_cap: int, manifest_dirs: tuple[str, ...], as_json: bool) -> None:
-    """Statistics of a DQN-Replay root, an episode index or a built dataset: per game, per run and overall."""
+def stats_cmd(path: str, cache: str | None, step_cap: int, manifest_dirs: tuple[str, ...], as_json: bool) -> None:
+    """Statistics of a DQN-Replay root (a folder or a URL), an episode index or a built dataset: per game, per run
+    and overall."""
     from jowa_data.stats import path_kind, replay_stats
 
     reg = load_registry(manifest_dirs) if path_kind(path) == "replay" else None
-    report = replay_stats(path, registry=reg, step_cap=step_cap, progress=not as_json)
+    report = replay_stats(path, registry=reg, step_cap=step_cap, progress=not as_json, cache=cache)
     if as_json:
         echo_json(report)
         return

@@ -71,6 +71,20 @@ def parse_range(value: str | None) -> tuple[int, int] | None:
         raise click.BadParameter(f"expected A-B (e.g. 1-50), got {value!r}")
 
 
+def parse_suffixes(value: str | None) -> list[int] | None:
+    """Checkpoint suffixes: "1-50", "3,4,6" or "7" -> a list; None stays None (all of them)."""
+    if value is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in value.replace(" ", "").split(","):
+            a, _, b = part.partition("-")
+            out.extend(range(int(a), int(b if b else a) + 1))
+    except ValueError:
+        raise click.BadParameter(f"expected suffixes like 1-50 or 3,4,6, got {value!r}")
+    return out
+
+
 def register_commands(group: click.Group, modules: tuple[str, ...]) -> None:
     """Add the `COMMANDS` of each module to `group`; a module that does not exist yet is skipped."""
     import importlib
@@ -100,6 +114,13 @@ def manifests_option(f):
     """`--manifests DIR` (repeatable): extra/alternative manifest folders."""
     return click.option("--manifests", "manifest_dirs", multiple=True, type=click.Path(file_okay=False),
                         help="Manifest folder(s) to use instead of the shipped manifests/ (repeatable).")(f)
+
+
+def cache_option(f):
+    """`--cache DIR`: keep a local copy of each remote replay file read (fsspec filecache); none for local roots."""
+    return click.option("--cache", "cache", type=click.Path(file_okay=False), default=None,
+                        help="Local cache folder for a remote replay root (URL): each file read is copied there "
+                             "whole on first use and read from there afterwards. Default: stream, keep nothing.")(f)
 
 
 def load_registry(manifest_dirs: tuple[str, ...]):

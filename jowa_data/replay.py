@@ -36,7 +36,7 @@ from typing import IO, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from jowa_common.errors import ReplayFormatError
+from jowa_common.errors import JowaError, ReplayFormatError
 from jowa_data.npy_stream import (
     DECODERS,
     NpyHeader,
@@ -48,6 +48,7 @@ from jowa_data.npy_stream import (
     resolve_decoder,
     wrap_gz,
 )
+from jowa_data.roots import STREAM_BLOCK, ReplayRoot, Root, open_root
 
 STORE_KINDS = ("observation", "action", "reward", "terminal")
 REQUIRED_KINDS = (*STORE_KINDS, "add_count")  # invalid_range is optional: checked when present
@@ -59,7 +60,8 @@ _NAME_RE = re.compile(r"^(?:\$store\$_)?(observation|action|reward|terminal|add_
 
 __all__ = [
     "Episode", "EpisodeRef", "RunScan", "DECODERS", "file_name", "list_checkpoints", "list_games", "list_runs",
-    "open_gz", "scan_run", "inspect_run", "read_episode", "iter_episodes", "read_frames",
+    "open_gz", "scan_run", "inspect_run", "read_episode", "iter_episodes", "read_frames", "run_logs",
+    "root_folder", "game_folder", "checkpoint_files", "folder_sizes", "load_checkpoint", "ReplayRoot", "open_root",
 ]
 
 
@@ -72,41 +74,92 @@ def file_name(kind: str, ckpt: int) -> str:
 # ---------------------------------------------------------------------------------------------- locations
 
 class _Loc:
-    """A folder on the local disk or behind fsspec: listing, opening, names for messages."""
+    """A folder on the local disk or behind fsspec: listing, opening, names for messages.
 
-    def __init__(self, root: str | os.PathLike, *parts: str):
-        root = os.fspath(root)
-        self.fs = None
-        if "://" in root:
-            import fsspec
-            from fsspec.implementations.local import LocalFileSystem
+    Local folders use `os` directly (unchanged fast path). Remote calls that fail for another reason than a
+    missing file (no network, access denied, a server error) become one-line ReplayFormatErrors naming the URL.
+    """
 
-            fs, path = fsspec.core.url_to_fs(root)
-            if isinstance(fs, LocalFileSystem):  # file:// → plain local path (fast path for the decoders)
-                root = path
-            else:
-                self.fs, root = fs, path
-        self.path = posixpath.join(root, *parts) if self.fs else os.path.join(root, *parts)
+    def __init__(self, root: "str | os.PathLike | ReplayRoot", *parts: str):
+        self.root = open_root(root)
+        self.fs = self.root.fs
+        self.path = posixpath.join(self.root.path, *parts) if self.fs else os.path.join(self.root.path, *parts)
+        self.rel = tuple(parts)
 
     def child(self, *parts: str) -> "_Loc":
         c = object.__new__(_Loc)
-        c.fs = self.fs
+        c.root, c.fs, c.rel = self.root, self.fs, self.rel + tuple(parts)
         c.path = posixpath.join(self.path, *parts) if self.fs else os.path.join(self.path, *parts)
         return c
 
     def __str__(self) -> str:
-        return self.fs.unstrip_protocol(self.path) if self.fs else self.path
+        return posixpath.join(self.root.url, *self.rel) if self.fs else self.path
+
+    def _remote(self, what: str, fn):
+        """Run a filesystem call; failures other than FileNotFoundError become a ReplayFormatError."""
+        try:
+            return fn()
+        except (FileNotFoundError, JowaError):
+            raise
+        except Exception as e:  # noqa: BLE001 - network/auth/server errors of any fsspec backend
+            msg = " ".join(str(e).split()) or type(e).__name__
+            raise ReplayFormatError(f"{self}: cannot {what} ({type(e).__name__}: {msg[:300]})") from e
 
     def is_dir(self) -> bool:
-        return self.fs.isdir(self.path) if self.fs else os.path.isdir(self.path)
+        if not self.fs:
+            return os.path.isdir(self.path)
+        try:
+            return bool(self._remote("read this folder", lambda: self.root.meta.isdir(self.path)))
+        except FileNotFoundError:
+            return False
 
     def listdir(self) -> list[str]:
-        if self.fs:
-            return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False))
-        return sorted(os.listdir(self.path))
+        if not self.fs:
+            return sorted(os.listdir(self.path))
+        names = self._remote("list this folder", lambda: self.root.meta.ls(self.path, detail=False))
+        out = {posixpath.basename(str(p).rstrip("/")) for p in names}
+        if self.root.quoted_listing:
+            from urllib.parse import unquote
+
+            out = {unquote(n) for n in out}
+        return sorted(n for n in out if n)
+
+    def sizes(self) -> dict[str, int]:
+        """name -> size in bytes of the files in this folder (sub-folders left out)."""
+        return {n: int(e["size"]) for n, e in self.file_infos().items()}
+
+    def file_infos(self) -> dict[str, dict]:
+        """name -> what the listing says of each file (`size` always; remote stores add their checksums, e.g.
+        GCS `md5Hash`, S3 `ETag`). One listing request (http: plus one HEAD per file, for the size)."""
+        if not self.fs:
+            return {n: {"size": os.path.getsize(os.path.join(self.path, n))} for n in sorted(os.listdir(self.path))
+                    if os.path.isfile(os.path.join(self.path, n))}
+        out = {}
+        for e in self._remote("list this folder", lambda: self.root.meta.ls(self.path, detail=True)):
+            if e.get("type") != "file":
+                continue
+            n = posixpath.basename(str(e["name"]).rstrip("/"))
+            if self.root.quoted_listing:
+                from urllib.parse import unquote
+
+                n = unquote(n)
+            if e.get("size") is None:  # http listings carry no sizes: ask the server (HEAD)
+                c = self.child(n)
+                e = {**e, "size": c._remote("read the size", lambda: c.root.meta.size(c.path))}
+            out[n] = {**e, "size": int(e["size"] or 0)}
+        return dict(sorted(out.items()))
+
+    def open_raw(self, name: str) -> IO[bytes]:
+        """`<this folder>/<name>` as stored (no decompression), streamed; FileNotFoundError when absent."""
+        loc = self.child(name)
+        if not loc.fs:
+            return open(loc.path, "rb")
+        return loc._remote("open this file", lambda: loc.fs.open(loc.path, "rb", block_size=STREAM_BLOCK))
 
     def open_gz(self, name: str, decoder: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        """Open `<this folder>/<name>` decompressed; a missing file is a ReplayFormatError."""
+        """Open `<this folder>/<name>` decompressed; a missing file is a ReplayFormatError.
+
+        Remote files are streamed: fsspec reads `STREAM_BLOCK` bytes ahead, nothing else is kept."""
         loc = self.child(name)
 
         @contextlib.contextmanager
@@ -114,7 +167,8 @@ class _Loc:
             with contextlib.ExitStack() as stack:
                 try:
                     if loc.fs:
-                        raw = stack.enter_context(loc.fs.open(loc.path, "rb"))
+                        raw = stack.enter_context(loc._remote(
+                            "open this file", lambda: loc.fs.open(loc.path, "rb", block_size=STREAM_BLOCK)))
                         f = wrap_gz(raw, decoder)
                     else:
                         f = wrap_gz(loc.path, decoder)
@@ -126,7 +180,7 @@ class _Loc:
         return cm()
 
 
-def _run_dir(root: str | os.PathLike, game: str, run: int | str) -> _Loc:
+def _run_dir(root: Root, game: str, run: int | str) -> _Loc:
     """`<root>/<game>/<run>/replay_logs`, with errors that say which level is missing and what exists."""
     top = _Loc(root)
     if not top.is_dir():
@@ -145,13 +199,23 @@ def _run_dir(root: str | os.PathLike, game: str, run: int | str) -> _Loc:
     return logs
 
 
-def list_games(root: str | os.PathLike) -> list[str]:
+def list_games(root: Root) -> list[str]:
     """Game folders under a replay root (sorted)."""
     top = _Loc(root)
     return [n for n in top.listdir() if not n.startswith(".") and top.child(n).is_dir()]
 
 
-def list_runs(root: str | os.PathLike, game: str) -> list[str]:
+def root_folder(root: Root) -> "_Loc":
+    """The replay root itself as the reader opens it (`.is_dir()`, `.listdir()`, `str()` for messages)."""
+    return _Loc(root)
+
+
+def game_folder(root: Root, game: str) -> "_Loc":
+    """`<root>/<game>` as the reader opens it: `.is_dir()`, `.listdir()`; `str()` names it in messages."""
+    return _Loc(root, game)
+
+
+def list_runs(root: Root, game: str) -> list[str]:
     """Run folders of a game that hold `replay_logs` (sorted as strings)."""
     g = _Loc(root, game)
     if not g.is_dir():
@@ -169,10 +233,15 @@ def _listing(logs: _Loc) -> dict[int, set[str]]:
     return out
 
 
-def run_logs(root: str | os.PathLike, game: str, run: int | str) -> "_Loc":
+def run_logs(root: Root, game: str, run: int | str) -> "_Loc":
     """A run's `replay_logs` folder as the reader opens it (local path or fsspec URL): `.child(name)`, `.listdir()`,
     `.open_gz(name, decoder)`; `str()` names it in messages."""
     return _run_dir(root, game, run)
+
+
+def folder_sizes(logs: "_Loc") -> dict[str, int]:
+    """File name -> bytes of every file in a run's `replay_logs` (local stat, or the remote listing's sizes)."""
+    return logs.sizes()
 
 
 def checkpoint_files(logs: "_Loc") -> dict[int, set[str]]:
@@ -186,7 +255,7 @@ def load_checkpoint(logs: "_Loc", ckpt: int, kinds: set[str], decoder: str = "au
     return _load_small(logs, ckpt, kinds, resolve_decoder(decoder))
 
 
-def list_checkpoints(root: str | os.PathLike, game: str, run: int | str) -> list[int]:
+def list_checkpoints(root: Root, game: str, run: int | str) -> list[int]:
     """Checkpoint suffixes present in the run's `replay_logs` (by listing; some runs lack 50, some start late)."""
     return sorted(_listing(_run_dir(root, game, run)))
 
@@ -484,7 +553,7 @@ def _lookbehind(logs: _Loc, listing: dict[int, set[str]], first: _Ckpt, st: _Sti
         st.start_clean(STACK_PADDING - after)
 
 
-def inspect_run(root: str | os.PathLike, game: str, run: int | str, checkpoints: Iterable[int] | None = None,
+def inspect_run(root: Root, game: str, run: int | str, checkpoints: Iterable[int] | None = None,
                 allow_gaps: bool = False, decoder: str = "auto") -> RunScan:
     """Scan a run's small files: episodes (with actions/rewards/terminals) and drop statistics.
 
@@ -530,7 +599,7 @@ def inspect_run(root: str | os.PathLike, game: str, run: int | str, checkpoints:
     return scan
 
 
-def scan_run(root: str | os.PathLike, game: str, run: int | str, checkpoints: Iterable[int] | None = None,
+def scan_run(root: Root, game: str, run: int | str, checkpoints: Iterable[int] | None = None,
              allow_gaps: bool = False, decoder: str = "auto") -> list[EpisodeRef]:
     """Episodes of a run, cheap (no observation file is read). See `inspect_run` for the drop statistics."""
     return inspect_run(root, game, run, checkpoints, allow_gaps, decoder).episodes
@@ -626,7 +695,7 @@ def _infos_for(logs: _Loc, ckpts: Iterable[int], decoder: str) -> dict[int, _Ckp
     return out
 
 
-def iter_episodes(root: str | os.PathLike, game: str, run: int | str, checkpoints: Iterable[int] | None = None,
+def iter_episodes(root: Root, game: str, run: int | str, checkpoints: Iterable[int] | None = None,
                   allow_gaps: bool = False, decoder: str = "auto", refs: Sequence[EpisodeRef] | None = None,
                   chunk_rows: int = 2048) -> Iterator[Episode]:
     """Episodes with frames, reading each observation file once, sequentially.
@@ -649,12 +718,12 @@ def iter_episodes(root: str | os.PathLike, game: str, run: int | str, checkpoint
         yield Episode(refs[idx], frames)
 
 
-def read_episode(root: str | os.PathLike, ref: EpisodeRef, decoder: str = "auto") -> Episode:
+def read_episode(root: Root, ref: EpisodeRef, decoder: str = "auto") -> Episode:
     """One episode's frames. Decompresses each file it touches from the start up to its last row."""
     return next(iter_episodes(root, ref.game, ref.run, decoder=decoder, refs=[ref]))
 
 
-def read_frames(root: str | os.PathLike, game: str, run: int | str, ckpt: int, rows: Sequence[int] | np.ndarray,
+def read_frames(root: Root, game: str, run: int | str, ckpt: int, rows: Sequence[int] | np.ndarray,
                 decoder: str = "auto", chunk_rows: int = 2048) -> np.ndarray:
     """Frames at `rows` (indices into checkpoint `ckpt`'s valid-ordered stream, any order) in one pass.
 

@@ -182,12 +182,15 @@ def summarize(parts: Sequence[PartialStats], step_cap: int = DEFAULT_STEP_CAP) -
 
 # --- sources ------------------------------------------------------------------------------------
 
-def replay_partials(root: str | Path, registry: Any = None, progress: bool = False) -> list[PartialStats]:
-    """One partial per (game, run) of a DQN-Replay root (`<root>/<Game>/<run>/replay_logs`)."""
+def replay_partials(root: str | Path, registry: Any = None, progress: bool = False,
+                    cache: str | None = None) -> list[PartialStats]:
+    """One partial per (game, run) of a DQN-Replay root (`<root>/<Game>/<run>/replay_logs`; a local folder or an
+    fsspec URL, `cache`: a local cache folder for remote files). Reads the small files only."""
     from jowa_data.manifest import load_manifests
-    from jowa_data.replay import inspect_run, list_checkpoints
+    from jowa_data.replay import folder_sizes, inspect_run, list_checkpoints, run_logs
+    from jowa_data.roots import open_root
 
-    root = Path(root)
+    root = open_root(root, cache)
     registry = registry if registry is not None else load_manifests()
     runs = _replay_runs(root)
     if not runs:
@@ -200,8 +203,8 @@ def replay_partials(root: str | Path, registry: Any = None, progress: bool = Fal
         it = tqdm(runs, desc="scan runs", unit="run", leave=False)
     for game, run in it:
         m = registry.get(game)
-        logs = root / game / str(run) / "replay_logs"
-        nbytes = sum(p.stat().st_size for p in logs.iterdir() if p.is_file())
+        logs = run_logs(root, game, run)
+        nbytes = sum(folder_sizes(logs).values())
         if not list_checkpoints(root, game, run):
             parts.append(partial_from_episodes(m.name, run, m.actions, [], {"replay": nbytes}))
             continue
@@ -212,12 +215,14 @@ def replay_partials(root: str | Path, registry: Any = None, progress: bool = Fal
     return parts
 
 
-def _replay_runs(root: Path) -> list[tuple[str, int]]:
+def _replay_runs(root: Any) -> list[tuple[str, int]]:
+    from jowa_data.replay import list_games, list_runs, root_folder
+
+    if not root_folder(root).is_dir():
+        return []
     out = []
-    for g in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        for r in sorted(p for p in g.iterdir() if p.is_dir() and p.name.isdigit()):
-            if (r / "replay_logs").is_dir():
-                out.append((g.name, int(r.name)))
+    for g in list_games(root):
+        out.extend((g, int(r)) for r in list_runs(root, g) if r.isdigit())
     return sorted(out)
 
 
@@ -259,7 +264,10 @@ def path_kind(path: str | Path) -> str:
     """'dataset' for a built token dataset, 'index' for an episode index (a file, or a folder holding
     episodes.parquet), 'replay' for any other folder (a DQN-Replay root)."""
     from jowa_data.layout import is_built_dataset
+    from jowa_data.roots import is_url
 
+    if is_url(path):  # a URL is read as a replay root (indexes and datasets are local files)
+        return "replay"
     path = Path(path)
     if is_built_dataset(path):
         return "dataset"
@@ -273,11 +281,18 @@ def path_kind(path: str | Path) -> str:
 
 
 def replay_stats(path: str | Path, registry: Any = None, step_cap: int = DEFAULT_STEP_CAP,
-                 progress: bool = False) -> dict[str, Any]:
-    """Stats of a DQN-Replay root, an episode index or a built dataset: {kind, path, step_cap, overall,
-    games{.., runs}}; a built dataset adds `dataset` (codebook usage, storage: `build.dataset_stats`)."""
-    path = Path(path)
+                 progress: bool = False, cache: str | None = None) -> dict[str, Any]:
+    """Stats of a DQN-Replay root (a local folder or an fsspec URL), an episode index or a built dataset: {kind,
+    path, step_cap, overall, games{.., runs}}; a built dataset adds `dataset` (codebook usage, storage:
+    `build.dataset_stats`). `cache`: local cache folder for a remote replay root."""
     kind = path_kind(path)
+    if kind == "replay":
+        from jowa_data.roots import open_root
+
+        root = open_root(path, cache)
+        return {"kind": kind, "path": str(root) if root.fs is not None else str(Path(path)),
+                **summarize(replay_partials(root, registry, progress), step_cap)}
+    path = Path(path)
     if kind in ("index", "dataset"):
         file = path if path.is_file() else path / "episodes.parquet"
         parts, meta = index_partials(file)
@@ -286,8 +301,6 @@ def replay_stats(path: str | Path, registry: Any = None, step_cap: int = DEFAULT
         for g, rec in meta["games"].items():
             if g in report["games"]:
                 report["games"][g]["selection"] = {k: v for k, v in rec.items() if k not in ("actions",)}
-    else:
-        report = summarize(replay_partials(path, registry, progress), step_cap)
     if kind == "dataset":
         from jowa_data import build
 

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from jowa_common.errors import ConfigError, DatasetError
 from jowa_common.io import atomic_path, sha256_bytes, sha256_file
 from jowa_data.manifest import DataSelection, GameManifest, manifest_to_dict
+from jowa_data.roots import Root, open_root, root_url
 
 INDEX_FORMAT = "jowa-episode-index"
 INDEX_VERSION = 1
@@ -149,33 +150,28 @@ def choose_runs(existing: Sequence[int], num_runs: int, rng: np.random.Generator
     return sorted(int(r) for r in rng.choice(existing, size=num_runs, replace=False))
 
 
-def _run_dir(root: Path, game: str, run: int) -> Path:
-    return root / game / str(run) / "replay_logs"
-
-
-def existing_runs(root: Path, game: str, candidates: Iterable[int]) -> list[int]:
+def existing_runs(root: Root, game: str, candidates: Iterable[int]) -> list[int]:
     """Candidate runs whose `replay_logs` folder holds at least one checkpoint."""
-    from jowa_data.replay import list_checkpoints
+    from jowa_data.replay import list_checkpoints, list_runs
 
-    out = []
-    for r in sorted(candidates):
-        if _run_dir(root, game, r).is_dir() and list_checkpoints(root, game, r):
-            out.append(r)
-    return out
+    present = set(list_runs(root, game))
+    return [r for r in sorted(candidates) if str(r) in present and list_checkpoints(root, game, r)]
 
 
-def source_bytes(root: Path, game: str, run: int, ckpts: Iterable[int]) -> int:
-    """Bytes on disk of every replay file of these checkpoints (observations included)."""
+def source_bytes(root: Root, game: str, run: int, ckpts: Iterable[int]) -> int:
+    """Bytes (on disk, or in the bucket) of every replay file of these checkpoints (observations included)."""
+    from jowa_data.replay import folder_sizes, run_logs
+
     keep = set(ckpts)
     total = 0
-    for p in _run_dir(root, game, run).iterdir():
-        m = _CKPT_RE.search(p.name)
-        if m and int(m.group(1)) in keep and p.is_file():
-            total += p.stat().st_size
+    for name, size in folder_sizes(run_logs(root, game, run)).items():
+        m = _CKPT_RE.search(name)
+        if m and int(m.group(1)) in keep:
+            total += size
     return total
 
 
-def scan_range(root: Path, game: str, run: int, checkpoints: tuple[int, int],
+def scan_range(root: Root, game: str, run: int, checkpoints: tuple[int, int],
                allow_gaps: bool = False) -> tuple[list, list[int]]:
     """(episodes starting in the range, the range's existing checkpoints) of one run.
 
@@ -183,13 +179,13 @@ def scan_range(root: Path, game: str, run: int, checkpoints: tuple[int, int],
     dropped). The checkpoint after B is scanned too when it exists, so an episode that starts in the
     range and ends just after it is complete.
     """
-    from jowa_data.replay import list_checkpoints, scan_run
+    from jowa_data.replay import list_checkpoints, run_logs, scan_run
 
     all_ckpts = list_checkpoints(root, game, run)
     a, b = checkpoints
     in_range = [c for c in all_ckpts if a <= c <= b]
     if not in_range:
-        raise DatasetError(f"{_run_dir(root, game, run)}: no checkpoint in the range {a}-{b} "
+        raise DatasetError(f"{run_logs(root, game, run)}: no checkpoint in the range {a}-{b} "
                            f"(found {len(all_ckpts)} checkpoints, {all_ckpts[0]}-{all_ckpts[-1]}; "
                            f"choose the range with --checkpoints A-B)")
     scan = in_range + ([in_range[-1] + 1] if in_range[-1] + 1 in all_ckpts else [])
@@ -248,13 +244,17 @@ def _jowa_version() -> str:
         return "0+unknown"
 
 
-def select_game(manifest: GameManifest, replay_root: str | Path, options: SubsampleOptions | None = None,
+def select_game(manifest: GameManifest, replay_root: Root, options: SubsampleOptions | None = None,
                 progress: bool = False) -> tuple[pa.Table, dict[str, Any]]:
-    """Select one game's episodes: (rows sorted by run/episode, selection record for the metadata)."""
+    """Select one game's episodes: (rows sorted by run/episode, selection record for the metadata).
+
+    `replay_root`: a local folder, an fsspec URL or a `roots.ReplayRoot` (e.g. with a local cache)."""
+    from jowa_data.replay import game_folder
+
     options = options or SubsampleOptions()
-    root = Path(replay_root)
+    root = open_root(replay_root)
     sel = resolve_selection(manifest, options)
-    game_dir = root / manifest.name
+    game_dir = game_folder(root, manifest.name)
     if not game_dir.is_dir():
         raise DatasetError(f"{game_dir}: game folder not found under the replay root {root}")
     existing = existing_runs(root, manifest.name, sel.runs)
@@ -318,13 +318,15 @@ def select_game(manifest: GameManifest, replay_root: str | Path, options: Subsam
     return table, record
 
 
-def build_index(manifests: Sequence[GameManifest], replay_root: str | Path, seed: int | None = None,
+def build_index(manifests: Sequence[GameManifest], replay_root: Root, seed: int | None = None,
                 fraction: float | None = None, transitions: int | None = None, *,
                 options: SubsampleOptions | None = None, progress: bool = False) -> pa.Table:
     """The episode index of several games (rows sorted by game, run, episode), metadata included.
 
-    `seed`, `fraction` and `transitions` override every manifest (shorthand for `options`).
+    `seed`, `fraction` and `transitions` override every manifest (shorthand for `options`). `replay_root` may be
+    a URL; the metadata records `roots.root_url` (the absolute path, or the URL without any cache layer).
     """
+    replay_root = open_root(replay_root)
     options = options or SubsampleOptions()
     options = dataclasses.replace(
         options, **{k: v for k, v in (("seed", seed), ("fraction", fraction), ("transitions", transitions))
@@ -342,7 +344,7 @@ def build_index(manifests: Sequence[GameManifest], replay_root: str | Path, seed
         "format": INDEX_FORMAT,
         "format_version": INDEX_VERSION,
         "jowa_version": _jowa_version(),
-        "replay_root": str(Path(replay_root).resolve()),
+        "replay_root": root_url(replay_root),
         "seed_rule": SEED_RULE,
         "games": games,
     }

@@ -14,8 +14,9 @@ from jowa_data.cli_util import echo_json, manifests_option
               help="The frozen tokenizer the dataset was (or will be) built with.")
 @click.option("--data", "dataset", type=click.Path(exists=True, file_okay=False),
               help="Built fine-tuning dataset (`jowa-data build GAME --transitions 5000 --checkpoints 41-50`).")
-@click.option("--replay", "replay_root", type=click.Path(exists=True, file_okay=False),
-              help="DQN-Replay root: build the 5k-transition set into OUT/data (instead of --data).")
+@click.option("--replay", "replay_root",
+              help="DQN-Replay root, a folder or a URL (gs://atari-replay-datasets/dqn, s3://, https://): build the "
+                   "5k-transition set into OUT/data (instead of --data).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (rerun to resume).")
 @click.option("--preset", type=click.Choice(["paper", "tiny"]), default="paper", show_default=True,
               help="paper: batch 32, lr 5e-5, 50k steps, imagination after 20k; tiny: CPU smoke run.")

@@ -38,7 +38,8 @@ def tokenizer_group() -> None:
               help="Config override, e.g. --set batch_size=64 --set model.perceptual=off (repeatable).")
 @click.option("--frames", type=click.Path(dir_okay=False), help="uint8 (N,84,84) .npy of frames to train on.")
 @click.option("--index", type=click.Path(dir_okay=False), help="episodes.parquet index (with --replay).")
-@click.option("--replay", "replay_root", type=click.Path(file_okay=False), help="DQN-Replay root for --index.")
+@click.option("--replay", "replay_root",
+              help="DQN-Replay root for --index: a folder or a URL (gs://..., s3://..., https://...).")
 @click.option("--game", "games", multiple=True, help="Only these games of the index (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

@@ -54,15 +54,17 @@ def index_episodes(index_path: str | Path, games: Sequence[str] = ()) -> list[di
 
 
 def materialize_frames(index_path: str | Path, replay_root: str | Path, out: str | Path, max_frames: int = 0,
-                       games: Sequence[str] = (), progress: Callable[[int], None] | None = None) -> Path:
+                       games: Sequence[str] = (), progress: Callable[[int], None] | None = None,
+                       cache: str | None = None) -> Path:
     """Write the frames of the indexed episodes (index order, capped at `max_frames` if > 0) to `out` (.npy).
 
     With a cap, each game contributes at most an equal share, so a two-game run sees both games.
     """
     from jowa_data.replay import read_episode
+    from jowa_data.roots import open_root
     from jowa_data.subsample import scan_range
 
-    root = Path(replay_root)
+    root = open_root(replay_root, cache)  # a local folder or an fsspec URL (gs://, s3://, https://, ...)
     eps = index_episodes(index_path, games)
     if not eps:
         raise DatasetError(f"{index_path}: the index selects no episodes")
@@ -97,7 +99,7 @@ def materialize_frames(index_path: str | Path, replay_root: str | Path, out: str
                 refs, _ = scan_range(root, e["game"], e["run"], e["checkpoints"])
                 refs_cache = {key: {int(r.episode): r for r in refs}}  # keep one run's refs in memory
             ref = refs_cache[key].get(e["episode"])
-            where = root / e["game"] / str(e["run"])
+            where = f"{root}/{e['game']}/{e['run']}"
             if ref is None or tuple(ref.start) != (e["ckpt"], e["row"]) or int(ref.length) != e["length"]:
                 raise DatasetError(f"{where}: episode {e['episode']} (ckpt {e['ckpt']}, row {e['row']}) is not in "
                                    f"the replay as indexed by {index_path}; rebuild the index")
