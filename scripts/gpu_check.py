@@ -325,7 +325,7 @@ def check_plan(sizes: Sizes, device: torch.device, compile_mode: str, log: Calla
     valid = mask[0].nonzero().squeeze(1)
     state = {"obs": torch.randint(0, model.cfg.obs_vocab, (1, hist, 36), generator=gen).to(device),
              "acts": valid[torch.randint(0, len(valid), (1, hist - 1), generator=gen)],
-             "task": torch.tensor([game.task_id], device=device)}
+             "task": torch.tensor([game.task_id])}  # host tensors, as the evaluator passes them
     compiled = "eager"
     if compile_mode != "none":
         compile_one_token_pass(model, compile_mode)
