@@ -91,7 +91,7 @@ class Sizes:
     plan_reps: int  # timed decisions per planner
     plan_game: str  # sets task id and valid actions (bench plan's Phoenix: 8 actions)
     eval_game: str
-    eval_frames: int  # emulator frames of the one eval episode
+    eval_frames: int  # emulator frames of the one eval episode (fewer if --budget-s would be overrun)
 
 
 GPU = Sizes(tokenizer="paper", tokenize_batch=1024, tokenize_frames=8192, tokenize_reps=3,
@@ -368,7 +368,18 @@ def check_plan(sizes: Sizes, device: torch.device, compile_mode: str, log: Calla
 # ---------------------------------------------------------------------------------------------- (d) eval
 
 
-def check_eval(sizes: Sizes, device: torch.device, tmp: Path, log: Callable[[str], None]) -> Row:
+def eval_frame_cap(sizes: Sizes, time_left_s: float, beam_s: float | None) -> int:
+    """Emulator frames for (d) that fit in `time_left_s`: one decision per 4 frames at the measured beam K=3
+    decision time (the eval's beam is no wider) plus half again for the emulator and the encode; never more
+    than `sizes.eval_frames`, never fewer than 200 (50 decisions)."""
+    if beam_s is None:
+        return sizes.eval_frames
+    frames = int(max(time_left_s, 0.0) / (1.5 * beam_s) * 4)
+    return max(200, min(sizes.eval_frames, frames - frames % 4))
+
+
+def check_eval(sizes: Sizes, device: torch.device, tmp: Path, log: Callable[[str], None],
+               max_frames: int | None = None) -> Row:
     """(d) `jowa eval`'s function on checkpoint files of a random-init model and tokenizer, one short episode."""
     from jowa_model.checkpoint import save_world_action
     from jowa_model.presets import model_preset
@@ -380,8 +391,9 @@ def check_eval(sizes: Sizes, device: torch.device, tmp: Path, log: Callable[[str
     ckpt, tok_path, out = tmp / "model.pt", tmp / "tokenizer.pt", tmp / "scores.json"
     save_world_action(WorldActionModel(model_preset(sizes.plan_preset)), ckpt)
     save_tokenizer(Tokenizer(tokenizer_preset(sizes.tokenizer)), tok_path)
-    cfg = EvalConfig(episodes=1, planner="beam", max_frames=sizes.eval_frames, device=str(device), precision="bf16")
-    log(f"eval: {sizes.eval_game}, 1 episode of <= {sizes.eval_frames} frames, {sizes.plan_preset} random-init, "
+    cap = max_frames or sizes.eval_frames
+    cfg = EvalConfig(episodes=1, planner="beam", max_frames=cap, device=str(device), precision="bf16")
+    log(f"eval: {sizes.eval_game}, 1 episode of <= {cap} frames, {sizes.plan_preset} random-init, "
         "beam, bf16")
     t0 = time.perf_counter()
     doc = evaluate(ckpt, tok_path, [sizes.eval_game], cfg, out=out)
@@ -452,6 +464,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="comma-separated subset of tokenize,train,plan,eval")
     p.add_argument("--train-batch", type=int, default=None, help="segments per training step (default 128 on GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="wall-clock target of the whole check; the eval episode is shortened to fit (default 480)")
     return p.parse_args(argv)
 
 
@@ -488,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bad or not parts:
             raise UsageError(f"--parts: unknown part(s) {', '.join(bad) or '(none given)'}; "
                              "choose from tokenize,train,plan,eval")
+        if args.budget_s <= 0:
+            raise UsageError(f"--budget-s must be > 0, got {args.budget_s:g}")
         if args.train_batch is not None and args.train_batch < 1:
             raise UsageError(f"--train-batch must be >= 1, got {args.train_batch}")
     except UsageError as e:
@@ -518,10 +534,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "plan" in parts:
         rows += check_plan(sizes, device, args.compile, log)
     if "eval" in parts:
+        beam = [r.details["ms_per_decision"] / 1e3 for r in rows if r.check.endswith("beam H=2 K=3")]
+        left = args.budget_s - (time.perf_counter() - t_start) - 15.0  # loading the checkpoints, the report
+        cap = eval_frame_cap(sizes, left, beam[0] if beam else None)
+        if cap < sizes.eval_frames:
+            log(f"eval: {cap} frames instead of {sizes.eval_frames}, to end within --budget-s {args.budget_s:g}")
         with tempfile.TemporaryDirectory(prefix="jowa_gpu_check_") as tmp:
-            rows.append(check_eval(sizes, device, Path(tmp), log))
+            rows.append(check_eval(sizes, device, Path(tmp), log, cap))
     info["total_s"] = round(time.perf_counter() - t_start, 1)
-    log(f"done in {info['total_s']} s")
+    log(f"done in {info['total_s']} s" + (f", over --budget-s {args.budget_s:g}"
+                                             if info["total_s"] > args.budget_s else ""))
     print(format_table(info, rows))
     if args.json_out:
         doc = {"format": "jowa-gpu-check-v1", "machine": info, "rows": [asdict(r) for r in rows]}

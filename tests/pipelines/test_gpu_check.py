@@ -84,8 +84,9 @@ def test_bad_arguments_are_one_line(gpu_check, capsys):
     assert gpu_check.main(["--cpu", "--parts", "tokenize,fly"]) == 2
     assert gpu_check.main(["--cpu", "--device", "tpu"]) == 2
     assert gpu_check.main(["--cpu", "--train-batch", "0"]) == 2
+    assert gpu_check.main(["--cpu", "--budget-s", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and "fly" in err[0] and "tpu" in err[1] and "train-batch" in err[2]
+    assert len(err) == 4 and "fly" in err[0] and "tpu" in err[1] and "train-batch" in err[2] and "budget" in err[3]
 
 
 def test_peak_table(gpu_check):
@@ -106,3 +107,11 @@ def test_table_keeps_to_100_columns(gpu_check):
     text = gpu_check.format_table(info, rows)
     assert all(len(line) <= 100 for line in text.splitlines())
     assert "989 TFLOP/s" in text and "1,500,000" in text and " 1.26 " in text
+
+
+def test_eval_is_shortened_to_the_budget(gpu_check):
+    cap = gpu_check.eval_frame_cap
+    gpu = gpu_check.GPU
+    assert cap(gpu, 1e4, 0.5) == gpu.eval_frames and cap(gpu, 1e4, None) == gpu.eval_frames
+    assert cap(gpu, 100.0, 0.5) == 532  # 100 s / (1.5 x 0.5 s) decisions x 4 frames, a multiple of 4
+    assert cap(gpu, -5.0, 0.5) == 200  # never fewer than 50 decisions
