@@ -362,7 +362,8 @@ class Planner:
         greedy = cfg.kind == "greedy" or (cfg.kind == "beam" and (cfg.horizon == 0 or cfg.beam_width == 1))
         root_q = getattr(self.model, "root_q", None)  # optional: the critic without building a cache
         if greedy and root_q is not None:
-            return greedy_actions(root_q(obs_tokens, actions, task_ids), masks.to(task_ids.device))
+            q = root_q(obs_tokens, actions, task_ids)  # on the model's device, whatever the inputs' device
+            return greedy_actions(q, masks.to(q.device))
         state, q = self.model.start(obs_tokens, actions, task_ids)
         masks = masks.to(q.device)
         if greedy:
