@@ -27,21 +27,9 @@ from jowa_model.losses import LossConfig, compute_loss
 from jowa_model.presets import model_preset
 from jowa_model import cpu_kernels
 from jowa_model.world_action import WorldActionModel
+from pipelines.train_core import random_batch
 
 OFFICIAL_40M_BF16_TOK_S = 2522.0  # docs/performance.md §3, 4a
-
-
-def make_batch(cfg, batch: int, steps: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    b = dict(tokens=torch.randint(0, cfg.obs_vocab, (batch, steps, cfg.obs_tokens), generator=gen),
-             actions=torch.randint(0, cfg.num_actions, (batch, steps), generator=gen),
-             rewards=torch.randint(-1, 2, (batch, steps), generator=gen).float(),
-             ends=torch.zeros(batch, steps, dtype=torch.long),
-             mask_padding=torch.ones(batch, steps, dtype=torch.bool),
-             task_ids=torch.randint(0, 15, (batch,), generator=gen))
-    if steps > 5:
-        b["ends"][0, 5] = 1
-        b["mask_padding"][0, 6:] = False
-    return b
 
 
 _aten = torch.ops.aten
@@ -86,7 +74,7 @@ def run(config: str = "40M", batch: int = 8, steps: int = 8, bf16: bool = False,
     opt = model.configure_optimizer(5e-5, 5e-5, 0.01)
     params = [p for g in opt.param_groups for p in g["params"]]
     loss_cfg = LossConfig()
-    data = make_batch(cfg, batch, steps, torch.Generator().manual_seed(0))
+    data = random_batch(cfg, batch, steps, torch.Generator().manual_seed(0))
     fwd = torch.compile(model) if compile else model
 
     def step(i: int) -> None:

@@ -7,17 +7,15 @@ from typing import Any
 
 import click
 
-from jowa_data.cli_util import (cache_option, echo_json, load_registry, manifests_option, parse_range, parse_runs, stderr_console,
+from jowa_data.cli_util import (echo_json, load_registry, manifests_option, parse_range, parse_runs, replay_root_options,
+                                stderr_console,
                                 stdout_console)
 from jowa_common.errors import ConfigError, DatasetError
 
 
 @click.command("build")
 @click.argument("games", nargs=-1, required=True)
-@click.option("--replay", "replay_root", required=True,
-              help="DQN-Replay root (<root>/<Game>/<run>/replay_logs): a folder or a URL such as "
-                   "gs://atari-replay-datasets/dqn (each task streams only its own checkpoints' files).")
-@cache_option
+@replay_root_options
 @click.option("--tokenizer", "tokenizer", required=True, type=click.Path(dir_okay=False),
               help="Frozen tokenizer checkpoint (jowa tokenizer train / save_tokenizer).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Dataset folder to write.")

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from jowa_data.cli_util import (cache_option, echo_json, load_registry, manifests_option, parse_range, parse_runs,
+                                replay_root_options,
                                 stderr_console, stdout_console)
 from jowa_common.errors import ConfigError
 from jowa_data.stats import DEFAULT_STEP_CAP
@@ -14,10 +15,7 @@ from jowa_data.stats import DEFAULT_STEP_CAP
 
 @click.command("subsample")
 @click.argument("games", nargs=-1, required=True)
-@click.option("--replay", "replay_root", required=True,
-              help="DQN-Replay root (<root>/<Game>/<run>/replay_logs): a folder or a URL such as "
-                   "gs://atari-replay-datasets/dqn, s3://BUCKET/PATH, https://HOST/PATH.")
-@cache_option
+@replay_root_options
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Index file to write (.parquet).")
 @click.option("--runs", help="Candidate runs, e.g. 1,2 (alone: use all of them). Default: the manifest's.")
 @click.option("--num-runs", type=int, help="How many of the existing candidate runs to draw. Default: manifest.")

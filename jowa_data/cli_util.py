@@ -116,6 +116,15 @@ def manifests_option(f):
                         help="Manifest folder(s) to use instead of the shipped manifests/ (repeatable).")(f)
 
 
+def replay_root_options(f):
+    """`--replay ROOT` (required; a folder or an fsspec URL) and `--cache DIR` for commands that read replay."""
+    f = cache_option(f)
+    return click.option("--replay", "replay_root", required=True,
+                        help="DQN-Replay root (<root>/<Game>/<run>/replay_logs): a folder or a URL such as "
+                             "gs://atari-replay-datasets/dqn, s3://BUCKET/PATH, https://HOST/PATH (each build "
+                             "task streams only its own checkpoints' files).")(f)
+
+
 def cache_option(f):
     """`--cache DIR`: keep a local copy of each remote replay file read (fsspec filecache); none for local roots."""
     return click.option("--cache", "cache", type=click.Path(file_okay=False), default=None,

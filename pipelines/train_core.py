@@ -69,6 +69,21 @@ def endless(stream) -> Iterator[dict[str, torch.Tensor]]:
                               "(fewer segments than one batch): lower the batch size")
 
 
+def random_batch(cfg, batch: int, steps: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A training batch of random tokens, actions, rewards and tasks (CPU) for speed checks: row 0 ends at step 5
+    and is padded after it, so every loss and mask of `compute_loss` is exercised. `cfg`: a WorldActionConfig."""
+    b = dict(tokens=torch.randint(0, cfg.obs_vocab, (batch, steps, cfg.obs_tokens), generator=gen),
+             actions=torch.randint(0, cfg.num_actions, (batch, steps), generator=gen),
+             rewards=torch.randint(-1, 2, (batch, steps), generator=gen).float(),
+             ends=torch.zeros(batch, steps, dtype=torch.long),
+             mask_padding=torch.ones(batch, steps, dtype=torch.bool),
+             task_ids=torch.randint(0, 15, (batch,), generator=gen))
+    if steps > 5:
+        b["ends"][0, 5] = 1
+        b["mask_padding"][0, 6:] = False
+    return b
+
+
 def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 

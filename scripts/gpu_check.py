@@ -217,29 +217,14 @@ def check_tokenize(sizes: Sizes, device: torch.device, log: Callable[[str], None
 # ---------------------------------------------------------------------------------------------- (b) train
 
 
-def make_batch(cfg, batch: int, steps: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tokens/actions/rewards/tasks; row 0 terminates at step 5 and is right-padded (as
-    benchmarks/bench_train_step.py), so the masks of every loss are exercised."""
-    g = torch.Generator().manual_seed(seed)
-    b = dict(tokens=torch.randint(0, cfg.obs_vocab, (batch, steps, cfg.obs_tokens), generator=g),
-             actions=torch.randint(0, cfg.num_actions, (batch, steps), generator=g),
-             rewards=torch.randint(-1, 2, (batch, steps), generator=g).float(),
-             ends=torch.zeros(batch, steps, dtype=torch.long),
-             mask_padding=torch.ones(batch, steps, dtype=torch.bool),
-             task_ids=torch.randint(0, 15, (batch,), generator=g))
-    if steps > 5:
-        b["ends"][0, 5] = 1
-        b["mask_padding"][0, 6:] = False
-    return {k: v.to(device) for k, v in b.items()}
-
-
 def check_train(preset: str, sizes: Sizes, device: torch.device, peak: float | None,
                 log: Callable[[str], None]) -> Row:
     """(b) One stage-2 training step as `pipelines.pretrain` runs it, bf16 autocast, flash attention if it can."""
     from jowa_model.losses import LossConfig, compute_loss
     from jowa_model.presets import model_preset
     from jowa_model.world_action import WorldActionModel
-    from pipelines.train_core import OptimConfig, autocast_ctx, make_optimizer, optimizer_step, set_stage
+    from pipelines.train_core import (OptimConfig, autocast_ctx, make_optimizer, optimizer_step, random_batch,
+                                      set_stage)
 
     torch.manual_seed(0)
     cfg = model_preset(preset)
@@ -247,7 +232,8 @@ def check_train(preset: str, sizes: Sizes, device: torch.device, peak: float | N
     set_stage(model, 2)
     optim = OptimConfig()
     opt = make_optimizer(model, 2, optim)
-    data = make_batch(cfg, sizes.train_batch, sizes.train_steps, device)
+    data = {k: v.to(device) for k, v in random_batch(cfg, sizes.train_batch, sizes.train_steps,
+                                                       torch.Generator().manual_seed(0)).items()}
     loss_cfg = LossConfig()
     state = {"step": 0, "flash": True}
 

@@ -86,15 +86,22 @@ def http_root(local_root, tmp_path_factory):
         yield f"http://127.0.0.1:{port}"
 
 
+@contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    """These environment variables set for the block (a module fixture cannot use `monkeypatch`)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield
+
+
 @pytest.fixture(scope="module")
 def s3_env(tmp_path_factory):
     port = _free_port()
     cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     with _server(cmd, port, "moto", tmp_path_factory.mktemp("moto") / "log") as port:
         env = {**CREDS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in env.items():
-                mp.setenv(k, v)
+        with _environ(env):
             yield env
 
 
@@ -114,9 +121,7 @@ def gs_env(tmp_path_factory):
     cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", "replay", "-q"]
     with _server(cmd, port, "gcp-storage-emulator", tmp_path_factory.mktemp("gcs") / "log") as port:
         env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in env.items():
-                mp.setenv(k, v)
+        with _environ(env):
             yield env
 
 

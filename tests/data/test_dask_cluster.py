@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from tests.fixtures_data import tree_bytes
+from tests.procs import kill_tree
 
 pytestmark = pytest.mark.multiproc
 
@@ -39,19 +40,6 @@ def _free_port() -> int:
 
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _kill_tree(p: subprocess.Popen) -> None:
-    """SIGKILL a process and every process below it (a `dask worker` is a nanny plus its worker process)."""
-    if p.poll() is not None:  # exited and reaped: its pid may be another process's by now
-        return
-    with contextlib.suppress(psutil.NoSuchProcess):
-        top = psutil.Process(p.pid)
-        tree = [top, *top.children(recursive=True)]
-        for q in tree:  # the parent first, so that it cannot start a replacement; psutil checks pid reuse
-            with contextlib.suppress(psutil.NoSuchProcess):
-                q.kill()
-    p.wait(timeout=30)
 
 
 @contextlib.contextmanager
@@ -80,7 +68,7 @@ def cluster(tmp: Path, workers: int = 2) -> Iterator[tuple[str, list[subprocess.
         yield address, ws
     finally:
         for p in reversed(procs):
-            _kill_tree(p)
+            kill_tree(p)
 
 
 def _build(replay: Path, tok: Path, out: Path, *extra: str, **kw) -> subprocess.Popen:
@@ -137,7 +125,7 @@ def test_worker_killed_mid_task_still_gives_identical_bytes(recorded_replay, tok
                         victim = next(w for w in workers
                                       if pid in [q.pid for q in psutil.Process(w.pid).children(recursive=True)])
                         executing = keys
-                        _kill_tree(victim)
+                        kill_tree(victim)
                         break
                 else:
                     time.sleep(0.02)
@@ -173,7 +161,7 @@ def test_worker_killed_in_a_temp_file_window_leaves_nothing(recorded_replay, tok
             so, se = p.communicate(timeout=300)
             assert victim.wait(timeout=60) == -signal.SIGKILL  # it died in the window, with its temp tar on disk
         finally:
-            _kill_tree(victim)
+            kill_tree(victim)
     assert p.returncode == 0, se[-3000:]
     assert json.loads(so)["built_tasks"] == 14
     _same(out, reference)

@@ -16,12 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from jowa_common.io import safe_torch_load
 from pipelines.viz import read_metrics
+from tests.procs import kill_tree
 
 pytestmark = pytest.mark.multiproc
 
@@ -36,19 +36,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _kill_tree(p: subprocess.Popen) -> None:
-    """SIGKILL a torchrun agent and its workers (which torchrun starts in sessions of their own)."""
-    if p.poll() is not None:  # exited and reaped: its pid may be another process's by now
-        return
-    with contextlib.suppress(psutil.NoSuchProcess):
-        top = psutil.Process(p.pid)
-        tree = [top, *top.children(recursive=True)]
-        for q in tree:  # the parent first, so that it cannot start a replacement; psutil checks pid reuse
-            with contextlib.suppress(psutil.NoSuchProcess):
-                q.kill()
-    p.wait(timeout=30)
 
 
 @contextlib.contextmanager
@@ -66,7 +53,7 @@ def launch(args: list[str], nnodes: int, nproc: int, logs: Path):
         yield procs
     finally:
         for p in procs:
-            _kill_tree(p)
+            kill_tree(p)
 
 
 def _run(args: list[str], nnodes: int, nproc: int, logs: Path) -> str:
