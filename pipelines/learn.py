@@ -205,12 +205,24 @@ def heldout_frames(replay: Path, game: str, run: str = "2", pairs: int = 600, se
 
 def reconstruction_report(tokenizer, frames: np.ndarray, prev: np.ndarray, threshold: int = 10) -> dict[str, Any]:
     """L1 (pixels in [0, 1]) of encode -> decode over all pixels and over moving pixels: those that differ from
-    the previous frame by more than `threshold` levels (balls, bullets, paddles, ships)."""
-    rec = tokenizer.decode(tokenizer.encode(frames))
-    err = np.abs(rec.astype(np.float32) - frames.astype(np.float32)) / 255.0
-    moving = np.abs(frames.astype(np.int16) - prev.astype(np.int16)) > threshold
-    return {"l1": float(err.mean()), "moving_l1": float(err[moving].mean()) if moving.any() else math.nan,
-            "moving_fraction": float(moving.mean()), "frames": int(len(frames))}, rec
+    the previous frame by more than `threshold` levels (balls, bullets, paddles, ships). Two sprite checks tell
+    where a sprite gets lost: `moving_cells_changed` (grid cells holding moving pixels whose token differs from
+    the previous frame's: the encoder saw the change) and `moving_drawn` (moving pixels decoded closer to the
+    new frame than to the previous one: the decoder drew it)."""
+    tokens, prev_tokens = tokenizer.encode(frames), tokenizer.encode(prev)
+    rec = tokenizer.decode(tokens)
+    f, p, r = (a.astype(np.float32) for a in (frames, prev, rec))
+    err = np.abs(r - f) / 255.0
+    moving = np.abs(f - p) > threshold
+    g = int(round(math.sqrt(tokens.shape[1])))  # grid side (6 for 36 tokens)
+    n, h, w = moving.shape
+    cells = moving.reshape(n, g, h // g, g, w // g).any(axis=(2, 4)).reshape(n, -1)  # (N, g*g)
+    changed = tokens != prev_tokens
+    nan = math.nan
+    return {"l1": float(err.mean()), "moving_l1": float(err[moving].mean()) if moving.any() else nan,
+            "moving_fraction": float(moving.mean()), "frames": int(len(frames)),
+            "moving_cells_changed": float(changed[cells].mean()) if cells.any() else nan,
+            "moving_drawn": float((np.abs(r - f) < np.abs(r - p))[moving].mean()) if moving.any() else nan}, rec
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -320,7 +332,8 @@ def tokenizer_metrics(cfg: LearnConfig, paths: LearnPaths, games: list) -> dict[
         pick = np.linspace(0, len(frames) - 1, 4).astype(int)
         originals.append(frames[pick])
         recons.append(rec[pick])
-    out["all"] = {k: float(np.mean([out[m.name][k] for m in games])) for k in ("l1", "moving_l1")}
+    out["all"] = {k: float(np.mean([out[m.name][k] for m in games]))
+                  for k in ("l1", "moving_l1", "moving_cells_changed", "moving_drawn")}
     save_frame_grid([np.concatenate(originals), np.concatenate(recons)], paths.pictures / "reconstructions.png",
                     labels=["held-out", "decoded"])
     return out
@@ -440,10 +453,12 @@ def render_report(report: dict[str, Any], console) -> None:
     console.print(w)
     k = Table(title="tokenizer on held-out frames: L1 of decoded pixels in [0, 1]")
     base = report.get("tokenizer_baseline")
-    for col in ("game", "L1", "moving-pixel L1") + (("conv baseline moving L1",) if base else ()):
+    for col in ("game", "L1", "moving-pixel L1", "sprite cells re-coded", "sprite pixels drawn") + \
+            (("conv baseline moving L1",) if base else ()):
         k.add_column(col, justify="left" if col == "game" else "right")
     for g, d in report["tokenizer"].items():
-        k.add_row(g, f"{d['l1']:.4f}", f"{d['moving_l1']:.4f}", *([f"{base[g]['moving_l1']:.4f}"] if base else []))
+        k.add_row(g, f"{d['l1']:.4f}", f"{d['moving_l1']:.4f}", f"{d.get('moving_cells_changed', math.nan):.2f}",
+                  f"{d.get('moving_drawn', math.nan):.2f}", *([f"{base[g]['moving_l1']:.4f}"] if base else []))
     console.print(k)
     c = report["checks"]
     q = report["pretrain"]["q_head"]
