@@ -77,6 +77,8 @@ def test_learn_end_to_end_tiny_and_resume(tmp_path):
     for g, w in rep["world_model"].items():
         assert 0 <= w["token_acc"] <= 1 and 0 <= w["token_acc_copy"] <= 1 and w["tokens"] > 0
     assert 0 < rep["tokenizer"]["all"]["moving_l1"] <= 1 and 0 < rep["tokenizer"]["all"]["l1"] <= 1
+    for g in ("Freeway", "Breakout"):  # the sprite checks are shares of moving cells / pixels
+        assert 0 <= rep["tokenizer"][g]["moving_cells_changed"] <= 1 and 0 <= rep["tokenizer"][g]["moving_drawn"] <= 1
     assert set(rep["checks"]["beats_random"]) == {"Freeway", "Breakout"}
     pics = tmp_path / "L" / "pictures"
     for name in ("report.png", "reconstructions.png", "training_curves.png"):
@@ -102,3 +104,28 @@ def test_learn_end_to_end_tiny_and_resume(tmp_path):
     rep2 = json.loads(r2.stdout)
     assert rep2["games"] == rep["games"] and rep2["world_model"] == rep["world_model"]
     assert rep2["seconds"]["pretrain"] < rep["seconds"]["pretrain"] + 5
+
+
+def test_reconstruction_report_sprite_checks_exact(trained_tokenizer, atari_frames):
+    """A frame against itself: nothing moves (nan checks); against a frame whose first grid cell is painted
+    white: exactly that cell moves, so its share of re-coded cells is the share of frames whose cell-0 token
+    changed, and every painted pixel counts as moving."""
+    import math
+
+    import numpy as np
+
+    from jowa_model.tokenizer import load_tokenizer
+    from pipelines.learn import reconstruction_report
+
+    tok = load_tokenizer(trained_tokenizer.path)
+    frames = atari_frames[:6]
+    same, _ = reconstruction_report(tok, frames, frames)
+    assert same["moving_fraction"] == 0 and math.isnan(same["moving_cells_changed"]) and math.isnan(same["moving_drawn"])
+    prev = frames.copy()
+    prev[:, :14, :14] = np.where(frames[:, :14, :14] > 127, 0, 255)  # every pixel of cell 0 differs by > 127
+    rep, rec = reconstruction_report(tok, frames, prev)
+    assert rep["moving_fraction"] == 14 * 14 / (84 * 84)
+    changed = tok.encode(frames)[:, 0] != tok.encode(prev)[:, 0]
+    assert rep["moving_cells_changed"] == changed.mean()
+    f, p, r = (a[:, :14, :14].astype(np.float32) for a in (frames, prev, rec))
+    assert rep["moving_drawn"] == pytest.approx((np.abs(r - f) < np.abs(r - p)).mean())
