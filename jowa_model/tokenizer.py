@@ -154,7 +154,7 @@ class Tokenizer(nn.Module):
                 m.to(dev)
         return m
 
-    def compute_loss(self, frames: Any, return_output: bool = False, background: Any = None):
+    def compute_loss(self, frames: Any, return_output: bool = False, background: Any = None, previous: Any = None):
         """frames uint8 (N,84,84) -> (loss, metrics) [+ TokenizerOutput]. Metrics are detached 0-d tensors
         (no device sync per term): loss, l1, codebook, commitment, perceptual, usage (fraction of the codebook
         used by this batch), perplexity (exp entropy of this batch's code histogram).
@@ -162,7 +162,9 @@ class Tokenizer(nn.Module):
         With `cfg.foreground_weight` w > 0 and `background` (uint8 (N,84,84): each frame's game background, e.g.
         its median frame), the L1 is a weighted mean with weight 1 + w on pixels that differ from the background
         by more than `cfg.foreground_threshold`: sprites are ~1% of an Atari frame, and a plain L1 is won by
-        painting the background (the `l1` metric stays the plain mean)."""
+        painting the background (the `l1` metric stays the plain mean). With `cfg.moving_weight` m > 0 and
+        `previous` (uint8 (N,84,84): each frame's previous frame), pixels that differ from it by more than the
+        threshold get + m: a 1-2 pixel ball is a small part even of the foreground."""
         frames, _ = _to_tensor(frames)
         x = self.preprocess(frames)
         out = self(x)
@@ -170,9 +172,13 @@ class Tokenizer(nn.Module):
         err = (x - out.recon).abs()
         l1_plain = err.mean()
         l1 = l1_plain
+        w = torch.ones_like(err)
         if c.foreground_weight > 0 and background is not None:
             fg = (x - self.preprocess(_to_tensor(background)[0])).abs() > c.foreground_threshold / 127.5
-            w = 1.0 + c.foreground_weight * fg.to(err.dtype)  # (N, 1, 84, 84)
+            w = w + c.foreground_weight * fg.to(err.dtype)  # (N, 1, 84, 84)
+        if c.moving_weight > 0 and previous is not None:
+            w = w + c.moving_weight * self.moving_pixels(x, previous).to(err.dtype)
+        if (c.foreground_weight > 0 and background is not None) or (c.moving_weight > 0 and previous is not None):
             l1 = (err * w).sum() / w.sum()
         codebook = (out.z.detach() - out.z_q).pow(2).mean()
         commitment = (out.z - out.z_q.detach()).pow(2).mean()
@@ -253,12 +259,23 @@ class Tokenizer(nn.Module):
         d["total"] = sum(d.values())
         return d
 
+    def moving_pixels(self, x: torch.Tensor, previous: Any) -> torch.Tensor:
+        """(N, 1, H, W) bool: pixels of the preprocessed frames x that differ from `previous` (uint8 frames) by more
+        than `cfg.foreground_threshold` levels."""
+        return (x - self.preprocess(_to_tensor(previous)[0]).to(x.device)).abs() > self.cfg.foreground_threshold / 127.5
+
     @torch.no_grad()
-    def restart_codes(self, dead: torch.Tensor, z: torch.Tensor, generator: torch.Generator) -> None:
-        """Dead-code restart (not in the paper): move codes `dead` onto encoder outputs drawn from `z` (M, E)."""
+    def restart_codes(self, dead: torch.Tensor, z: torch.Tensor, generator: torch.Generator,
+                      weights: torch.Tensor | None = None) -> None:
+        """Dead-code restart (not in the paper): move codes `dead` onto encoder outputs drawn from `z` (M, E),
+        uniformly or in proportion to `weights` (M,) >= 0 (uniformly when they are all 0)."""
         if dead.numel() == 0:
             return
-        idx = torch.randint(0, z.shape[0], (dead.numel(),), generator=generator).to(z.device)
+        w = None if weights is None else weights.detach().float().cpu()
+        if w is None or float(w.sum()) <= 0:
+            idx = torch.randint(0, z.shape[0], (dead.numel(),), generator=generator).to(z.device)
+        else:
+            idx = torch.multinomial(w, dead.numel(), replacement=True, generator=generator).to(z.device)
         self.embedding.weight[dead.to(z.device)] = z[idx].to(self.embedding.weight.dtype)
 
 

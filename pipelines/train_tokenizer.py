@@ -59,6 +59,8 @@ class TokenizerTrainConfig:
     dead_code_restart: bool = False  # beyond the paper: move dead codes onto batch encoder outputs
     dead_code_window: int = 1000  # steps without use after which a code counts as dead (logged always)
     restart_every: int = 1000  # steps between dead-code restarts (when enabled)
+    restart_sampling: Literal["uniform", "moving"] = "uniform"  # which of the batch's grid cells dead codes move
+    # onto: uniformly, or in proportion to each cell's reconstruction error on moving pixels (sprites drawn worst)
     tensorboard: bool = True  # write TensorBoard event files under tb/
 
 
@@ -238,8 +240,11 @@ def _train_tokenizer(cfg: TokenizerTrainConfig, out: Path, frames: str | Path | 
     # Fixed frames for the reconstruction grids: spread evenly over the data, same every time.
     grid_idx = np.linspace(0, data.shape[0] - 1, num=min(cfg.image_frames, data.shape[0])).astype(np.int64)
     grid_frames = gather(data, grid_idx)
-    backgrounds, game_of = (frame_backgrounds(data, frames_path) if cfg.model.foreground_weight > 0
+    moving = cfg.model.moving_weight > 0 or cfg.restart_sampling == "moving"
+    backgrounds, game_of = (frame_backgrounds(data, frames_path) if cfg.model.foreground_weight > 0 or moving
                             else (None, None))
+    if cfg.model.foreground_weight == 0:
+        backgrounds = None
 
     writer = None
     if cfg.tensorboard:
@@ -275,8 +280,9 @@ def _train_tokenizer(cfg: TokenizerTrainConfig, out: Path, frames: str | Path | 
             idx = sampler.next_indices()
             batch = torch.from_numpy(gather(data, idx)).to(device, non_blocking=True)
             bg = None if backgrounds is None else torch.from_numpy(backgrounds[game_of[idx]])
+            prev = torch.from_numpy(gather(data, previous_rows(idx, game_of))).to(device) if moving else None
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss, metrics, outp = tok.compute_loss(batch, return_output=True, background=bg)
+                loss, metrics, outp = tok.compute_loss(batch, return_output=True, background=bg, previous=prev)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(tok.parameters(), cfg.grad_clip)
@@ -286,7 +292,9 @@ def _train_tokenizer(cfg: TokenizerTrainConfig, out: Path, frames: str | Path | 
             monitor.update(outp.tokens, step)
             restarted = 0
             if cfg.dead_code_restart and step % cfg.restart_every == 0:
-                restarted = restart_dead_codes(tok, opt, monitor, outp.z.detach(), step, gen)
+                weights = (moving_cell_errors(tok, batch, prev, outp.recon) if cfg.restart_sampling == "moving"
+                           else None)
+                restarted = restart_dead_codes(tok, opt, monitor, outp.z.detach(), step, gen, weights)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 rec = {"step": step, **{k: float(v) for k, v in metrics.items()},
                        "grad_norm": float(grad_norm), "dead_codes": int(monitor.dead(step).numel()),
@@ -322,14 +330,33 @@ def _train_tokenizer(cfg: TokenizerTrainConfig, out: Path, frames: str | Path | 
             "frames_per_s": frames_done / max(time.perf_counter() - t0, 1e-9), "params": tok.num_params()}
 
 
+def previous_rows(idx: np.ndarray, game_of: np.ndarray) -> np.ndarray:
+    """The row before each of `idx` in the frames file (recordings are stored in time order), or the row itself
+    where that row starts a game's segment (no motion is then seen). An episode's first frame still gets the last
+    frame of the episode before: one frame in ~1,000, a whole-screen "motion" the weights can afford."""
+    before = np.maximum(idx - 1, 0)
+    return np.where((idx > 0) & (game_of[before] == game_of[idx]), before, idx)
+
+
+@torch.no_grad()
+def moving_cell_errors(tok: Tokenizer, frames: torch.Tensor, previous: torch.Tensor,
+                       recon: torch.Tensor) -> torch.Tensor:
+    """(N*g*g,) mean |x - recon| over each grid cell's moving pixels (zero elsewhere), in the row order of the
+    encoder output's cells: where dead codes restart with `restart_sampling="moving"`."""
+    x = tok.preprocess(frames)
+    err = (x - recon.float()).abs() * tok.moving_pixels(x, previous)
+    return torch.nn.functional.adaptive_avg_pool2d(err, tok.cfg.grid_size).reshape(-1)
+
+
 def restart_dead_codes(tok: Tokenizer, opt: torch.optim.Optimizer, monitor: CodebookMonitor, z: torch.Tensor,
-                       step: int, gen: torch.Generator) -> int:
-    """Move codes unused for `monitor.window` steps onto this batch's encoder outputs; reset their Adam moments."""
+                       step: int, gen: torch.Generator, weights: torch.Tensor | None = None) -> int:
+    """Move codes unused for `monitor.window` steps onto this batch's encoder outputs (uniformly, or in proportion
+    to `weights` per grid cell); reset their Adam moments."""
     dead = monitor.dead(step)
     if dead.numel() == 0:
         return 0
     flat = z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (N*g*g, E)
-    tok.restart_codes(dead, flat, gen)
+    tok.restart_codes(dead, flat, gen, weights)
     st = opt.state.get(tok.embedding.weight)
     if st:
         for key in ("exp_avg", "exp_avg_sq"):

@@ -13,7 +13,7 @@ from jowa_common.errors import CheckpointError, ConfigError
 from jowa_common.io import atomic_torch_save, sha256_file
 from jowa_model.tokenizer import (CodebookMonitor, Tokenizer, TokenizerConfig, codebook_stats, load_official_tokenizer,
                                   load_tokenizer, save_tokenizer, tokenizer_checksum, tokenizer_preset)
-from pipelines.train_tokenizer import restart_dead_codes
+from pipelines.train_tokenizer import moving_cell_errors, previous_rows, restart_dead_codes
 
 
 def tiny(**kw) -> Tokenizer:
@@ -242,3 +242,47 @@ def test_cpu_encode_layout_keeps_training_and_checkpoint_bytes(atari_frames, tmp
     sa, sb = (torch.load(p, weights_only=True)["state_dict"] for p in (before, after))
     for k, v in sa.items():  # same values, and the standard contiguous strides
         assert torch.equal(v, sb[k]) and sb[k].stride() == v.stride() == torch.empty(v.shape).stride(), k
+
+
+def test_moving_weight_is_an_exact_weighted_l1(atari_frames):
+    """L1 weights: 1, + foreground_weight where a pixel differs from the background, + moving_weight where it
+    differs from the previous frame (threshold 10 levels); with previous == frames nothing moves."""
+    tok = tiny(foreground_weight=3.0, moving_weight=5.0).train()
+    f, prev = atari_frames[10:14], atari_frames[9:13]
+    bg = np.zeros_like(f)
+    loss, _, out = tok.compute_loss(f, return_output=True, background=bg, previous=prev)
+    x = tok.preprocess(torch.as_tensor(f))
+    err = (x - out.recon).abs()
+    ft, pt = (torch.as_tensor(a).float()[:, None] for a in (f, prev))
+    w = 1 + 3.0 * (ft > 10).float() + 5.0 * ((ft - pt).abs() > 10).float()
+    rest = tok.cfg.codebook_weight * (out.z.detach() - out.z_q).pow(2).mean() \
+        + tok.cfg.commitment_weight * (out.z - out.z_q.detach()).pow(2).mean()
+    assert float(loss.detach()) == pytest.approx(float((err * w).sum() / w.sum() + rest), rel=1e-5)
+    still, _ = tok.compute_loss(f, background=bg, previous=f)
+    without, _ = tok.compute_loss(f, background=bg)
+    assert float(still) == pytest.approx(float(without), rel=1e-6)
+    with pytest.raises(ConfigError, match="moving_weight >= 0"):
+        tiny(moving_weight=-1.0)
+
+
+def test_previous_rows_stay_within_a_game():
+    game_of = np.array([0, 0, 0, 1, 1])
+    assert previous_rows(np.array([0, 1, 2, 3, 4]), game_of).tolist() == [0, 0, 1, 3, 3]
+
+
+def test_moving_restarts_go_to_the_cells_where_sprites_move(atari_frames):
+    """Only grid cell 7 of frame 1 moves: every restarted code lands on that cell's encoder output."""
+    tok = tiny().train()
+    f = atari_frames[:2].copy()
+    prev = f.copy()
+    prev[1, 14:28, 14:28] = 255 - prev[1, 14:28, 14:28]  # cell (1, 1) = row-major cell 7 of frame 1
+    _, _, out = tok.compute_loss(f, return_output=True)
+    w = moving_cell_errors(tok, torch.as_tensor(f), torch.as_tensor(prev), out.recon.detach())
+    assert w.shape == (2 * 36,) and torch.nonzero(w).flatten().tolist() == [36 + 7]
+    monitor = CodebookMonitor(tok.cfg.vocab_size, window=1)
+    monitor.update(out.tokens, 1)
+    opt = torch.optim.Adam(tok.parameters(), lr=1e-3)
+    n = restart_dead_codes(tok, opt, monitor, out.z.detach(), step=3, gen=torch.Generator().manual_seed(0), weights=w)
+    target = out.z.detach()[1, :, 1, 1]
+    moved = tok.embedding.weight[monitor.last_used == 3]
+    assert n == len(moved) > 2000 and torch.equal(moved, target.expand_as(moved))
