@@ -1,4 +1,4 @@
-"""Issue D acceptance: a <= 15-minute CPU pretraining run of the `tiny` world-action model on real shards.
+"""A <= 15-minute CPU pretraining run of the `tiny` world-action model on real shards.
 
     .venv/bin/python scripts/pretrain_cpu.py --out runs/pretrain_cpu [--minutes 15] [--tokenizer PATH]
 

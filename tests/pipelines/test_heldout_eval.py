@@ -1,4 +1,4 @@
-"""Held-out accuracies and their baselines (issue D): exact per-class reward counts, the balanced reward
+"""Held-out accuracies and their baselines: exact per-class reward counts, the balanced reward
 accuracy of constant guesses, the copy baseline, all on real segments of the built fixture dataset."""
 
 from __future__ import annotations
