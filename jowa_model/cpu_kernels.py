@@ -117,8 +117,9 @@ class CPUWorldActionModel(WorldActionModel):
 def linear_gelu(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """gelu(layer(x)) (exact erf GELU, as nn.GELU()), fused into the packed kernel where `layer` has a pack."""
     if isinstance(layer, PackedLinear) and layer.packable(x):
-        packed, bias = layer._packed(layer.pack_dtype(x))
-        return torch.ops.mkldnn._linear_pointwise(x.to(layer.pack_dtype(x)), packed, bias, "gelu", [], "none")
+        dt = layer.pack_dtype(x)
+        packed, bias = layer._packed(dt)
+        return torch.ops.mkldnn._linear_pointwise(x.to(dt), packed, bias, "gelu", [], "none")
     return F.gelu(layer(x))
 
 

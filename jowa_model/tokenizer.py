@@ -172,13 +172,13 @@ class Tokenizer(nn.Module):
         err = (x - out.recon).abs()
         l1_plain = err.mean()
         l1 = l1_plain
-        w = torch.ones_like(err)
+        w = None  # (N, 1, 84, 84) L1 weights, when any apply
         if c.foreground_weight > 0 and background is not None:
             fg = (x - self.preprocess(_to_tensor(background)[0])).abs() > c.foreground_threshold / 127.5
-            w = w + c.foreground_weight * fg.to(err.dtype)  # (N, 1, 84, 84)
+            w = 1.0 + c.foreground_weight * fg.to(err.dtype)
         if c.moving_weight > 0 and previous is not None:
-            w = w + c.moving_weight * self.moving_pixels(x, previous).to(err.dtype)
-        if (c.foreground_weight > 0 and background is not None) or (c.moving_weight > 0 and previous is not None):
+            w = (1.0 if w is None else w) + c.moving_weight * self.moving_pixels(x, previous).to(err.dtype)
+        if w is not None:
             l1 = (err * w).sum() / w.sum()
         codebook = (out.z.detach() - out.z_q).pow(2).mean()
         commitment = (out.z - out.z_q.detach()).pow(2).mean()

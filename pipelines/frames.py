@@ -122,26 +122,36 @@ def segments_path(frames_path: str | Path) -> Path:
     return p.with_name(p.stem + ".games.json")
 
 
-def frame_backgrounds(frames: np.ndarray, frames_path: str | Path, sample: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Each game's background (per-pixel median of up to `sample` evenly spaced frames) and each row's game:
-    (G, 84, 84) uint8, (N,) int. Atari backgrounds are static, so the median frame is the screen without its
-    sprites. A frames file without a games record (`segments_path`) counts as one game."""
+def frame_games(n: int, frames_path: str | Path) -> list[tuple[int, int]]:
+    """The (start, stop) rows of each game in a frames file of `n` rows, from its games record (`segments_path`);
+    a frames file without one counts as one game."""
     import json
 
-    n = frames.shape[0]
     p = segments_path(frames_path)
     segs = json.loads(p.read_text(encoding="utf-8"))["segments"] if p.is_file() else [{"start": 0, "stop": n}]
     if segs and (segs[0]["start"] != 0 or segs[-1]["stop"] != n):
         raise DatasetError(f"{p}: its segments cover rows {segs[0]['start']}..{segs[-1]['stop']}, the frames file "
                            f"{frames_path} holds {n}")
+    return [(int(s["start"]), int(s["stop"])) for s in segs]
+
+
+def game_of_rows(n: int, frames_path: str | Path) -> np.ndarray:
+    """(N,) int: the game (index into `frame_games`) of each row."""
     game_of = np.zeros(n, dtype=np.int64)
+    for g, (a, b) in enumerate(frame_games(n, frames_path)):
+        game_of[a:b] = g
+    return game_of
+
+
+def frame_backgrounds(frames: np.ndarray, frames_path: str | Path, sample: int = 512) -> np.ndarray:
+    """Each game's background (per-pixel median of up to `sample` evenly spaced frames): (G, 84, 84) uint8, in
+    the order of `frame_games`. Atari backgrounds are static, so the median frame is the screen without its
+    sprites."""
     bgs = []
-    for g, seg in enumerate(segs):
-        a, b = int(seg["start"]), int(seg["stop"])
+    for a, b in frame_games(frames.shape[0], frames_path):
         idx = np.unique(np.linspace(a, b - 1, num=min(sample, b - a)).astype(np.int64))
         bgs.append(np.median(np.asarray(frames[idx]), axis=0).astype(np.uint8))
-        game_of[a:b] = g
-    return np.stack(bgs), game_of
+    return np.stack(bgs)
 
 
 class FrameSampler:

@@ -34,7 +34,8 @@ from jowa_common.errors import CheckpointError, ConfigError
 from jowa_common.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
 from jowa_model.tokenizer import (CodebookMonitor, Tokenizer, TokenizerConfig, save_tokenizer, tokenizer_from_dict,
                                   tokenizer_preset, tokenizer_to_dict)
-from pipelines.frames import FrameSampler, frame_backgrounds, gather, materialize_frames, open_frames
+from pipelines.frames import (FrameSampler, frame_backgrounds, game_of_rows, gather, materialize_frames,
+                             open_frames)
 
 log = logging.getLogger(__name__)
 
@@ -241,10 +242,8 @@ def _train_tokenizer(cfg: TokenizerTrainConfig, out: Path, frames: str | Path | 
     grid_idx = np.linspace(0, data.shape[0] - 1, num=min(cfg.image_frames, data.shape[0])).astype(np.int64)
     grid_frames = gather(data, grid_idx)
     moving = cfg.model.moving_weight > 0 or cfg.restart_sampling == "moving"
-    backgrounds, game_of = (frame_backgrounds(data, frames_path) if cfg.model.foreground_weight > 0 or moving
-                            else (None, None))
-    if cfg.model.foreground_weight == 0:
-        backgrounds = None
+    game_of = game_of_rows(data.shape[0], frames_path) if cfg.model.foreground_weight > 0 or moving else None
+    backgrounds = frame_backgrounds(data, frames_path) if cfg.model.foreground_weight > 0 else None
 
     writer = None
     if cfg.tensorboard:
