@@ -41,8 +41,9 @@ CHECKPOINT_VERSION = 1
 
 
 def tokenizer_preset(name: str) -> TokenizerConfig:
-    """`paper`: Tables 8-9 / official layout (4.05M params). `tiny`: CPU tests and demos (same 6x6 x 2048 tokens).
-    `tiny_conv`: the convnet `tiny` used to be (an ablation baseline)."""
+    """`paper`: Tables 8-9 / official layout (4.05M params). `tiny`: patch MLPs, a VQ-VAE small enough to train in CPU
+    tests (same 6x6 x 2048 tokens). `cells`: a k-means codebook of cell images, what `jowa bench learn` and the main
+    job use. `tiny_conv`: the convnet `tiny` used to be (an ablation baseline)."""
     if name == "paper":
         return TokenizerConfig()
     if name == "tiny":
@@ -53,12 +54,19 @@ def tokenizer_preset(name: str) -> TokenizerConfig:
         # ~80 ms/frame on this CPU, far more than the model.
         return TokenizerConfig(arch="patch", ch=16, num_res_blocks=1, attn_resolutions=(6,), z_channels=64,
                                embed_dim=64, patch_hidden=512, foreground_weight=30.0, perceptual="off")
+    if name == "cells":
+        # No networks: a code is a 14x14 cell image, a frame's tokens are its cells' nearest codes, and the codebook is
+        # fitted by k-means over the training frames' cells (jowa_model/cell_codebook.py). On the frames of
+        # `jowa bench learn` it reaches a 12x lower L1 than the patch MLPs' 3,000 steps and 1.7x lower on moving
+        # pixels in a minute, and draws Breakout's ball, which no gradient-trained CPU tokenizer here did
+        # (docs/tokenizer.md).
+        return TokenizerConfig(arch="cells", z_channels=196, embed_dim=196, perceptual="off")
     if name == "tiny_conv":
         # What `tiny` was before the patch MLPs: narrow convs at 84x84, one block per level, attention only at 6x6,
         # plain L1. Kept for the ablation in `jowa bench learn --set tokenizer_baseline=true`.
         return TokenizerConfig(ch=16, num_res_blocks=1, attn_resolutions=(6,), z_channels=64, embed_dim=64,
                                perceptual="off")
-    raise ConfigError(f"unknown tokenizer preset {name!r} (choose 'paper', 'tiny' or 'tiny_conv')")
+    raise ConfigError(f"unknown tokenizer preset {name!r} (choose 'paper', 'tiny', 'cells' or 'tiny_conv')")
 
 
 @dataclass
@@ -84,11 +92,13 @@ class Tokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or TokenizerConfig()
-        self.encoder = PatchEncoder(cfg) if cfg.arch == "patch" else Encoder(cfg)
-        self.pre_quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        cells = cfg.arch in ("patch", "cells")
+        self.encoder = PatchEncoder(cfg) if cells else Encoder(cfg)
+        quant = (lambda: nn.Identity()) if cfg.arch == "cells" else (lambda: nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1))
+        self.pre_quant_conv = quant()
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_dim)  # the codebook
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-        self.decoder = PatchDecoder(cfg) if cfg.arch == "patch" else Decoder(cfg)
+        self.post_quant_conv = quant()
+        self.decoder = PatchDecoder(cfg) if cells else Decoder(cfg)
         if cfg.init == "official" and cfg.arch == "conv":
             official_init_(self.encoder)
             official_init_(self.decoder)

@@ -14,7 +14,8 @@ from jowa_common.errors import ConfigError
 class TokenizerConfig:
     """VQ-VAE shape and loss. Defaults are the `paper` preset (Tables 8-9, appendix E, official code)."""
 
-    arch: Literal["conv", "patch"] = "conv"  # conv: the paper's convnet; patch: one MLP per grid cell (`tiny`)
+    arch: Literal["conv", "patch", "cells"] = "conv"  # conv: the paper's convnet; patch: one MLP per grid cell
+    # (`tiny`); cells: no networks, the codebook holds cell images fitted by k-means (`cells`, jowa_model/cell_codebook)
     resolution: int = 84  # input side in pixels (DQN-Replay frames are 84x84 grayscale)
     in_channels: int = 1  # grayscale
     out_channels: int = 1
@@ -55,8 +56,12 @@ class TokenizerConfig:
         if not 1 < self.vocab_size <= 65536:
             raise ConfigError(f"tokenizer: vocab_size must be in 2..65536 (tokens are stored as uint16), "
                               f"got {self.vocab_size}")
-        if self.arch not in ("conv", "patch"):
-            raise ConfigError(f"tokenizer: arch must be 'conv' or 'patch', got {self.arch!r}")
+        if self.arch not in ("conv", "patch", "cells"):
+            raise ConfigError(f"tokenizer: arch must be 'conv', 'patch' or 'cells', got {self.arch!r}")
+        cell = self.in_channels * math.prod(self.down_factors) ** 2  # pixels of one grid cell
+        if self.arch == "cells" and not self.embed_dim == self.z_channels == cell:
+            raise ConfigError(f"tokenizer: arch='cells' codes are cell images, so embed_dim and z_channels must both be "
+                              f"{cell} (channels x cell side^2), got {self.embed_dim} and {self.z_channels}")
         if self.foreground_weight < 0 or self.moving_weight < 0 or not 0 <= self.foreground_threshold < 255:
             raise ConfigError(f"tokenizer: need foreground_weight >= 0, moving_weight >= 0 and foreground_threshold in "
                               f"[0, 255), got {self.foreground_weight}, {self.moving_weight}, "

@@ -204,7 +204,9 @@ class PatchEncoder(nn.Module):
         super().__init__()
         self.patch = cfg.resolution // cfg.grid_size
         d, h = cfg.in_channels * self.patch ** 2, cfg.patch_hidden
-        self.net = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, cfg.z_channels))
+        # arch="cells": the cell's pixels are its code vector (the codebook holds cell images)
+        self.net = nn.Identity() if cfg.arch == "cells" else nn.Sequential(
+            nn.Linear(d, h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, cfg.z_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, r, _ = x.shape
@@ -214,13 +216,15 @@ class PatchEncoder(nn.Module):
 
 
 class PatchDecoder(nn.Module):
-    """`arch="patch"`: each cell's code vector back to its pixels through one shared MLP (the inverse layout)."""
+    """`arch="patch"`: each cell's code vector back to its pixels through one shared MLP (the inverse layout).
+    `arch="cells"` uses both classes with no MLP: cells are cut out and put back, the codebook does the rest."""
 
     def __init__(self, cfg: "TokenizerConfig") -> None:
         super().__init__()
         self.patch, self.resolution = cfg.resolution // cfg.grid_size, cfg.resolution
         d, h = cfg.out_channels * self.patch ** 2, cfg.patch_hidden
-        self.net = nn.Sequential(nn.Linear(cfg.z_channels, h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, d))
+        self.net = nn.Identity() if cfg.arch == "cells" else nn.Sequential(
+            nn.Linear(cfg.z_channels, h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, d))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         cells = self.net(z.flatten(2).transpose(1, 2))  # (N, g*g, C*p*p)

@@ -31,8 +31,9 @@ def tokenizer_group() -> None:
 
 @tokenizer_group.command("train")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, logs, PNGs).")
-@click.option("--preset", type=click.Choice(["paper", "tiny"]), default="paper", show_default=True,
-              help="Training preset: paper (appendix E) or tiny (CPU demo).")
+@click.option("--preset", type=click.Choice(["paper", "tiny", "cells"]), default="paper", show_default=True,
+              help="Training preset: paper (appendix E), tiny (patch-MLP VQ-VAE for CPU tests) or cells "
+                   "(k-means codebook of cell images, what the CPU benches use).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML/YAML override file.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Config override, e.g. --set batch_size=64 --set model.perceptual=off (repeatable).")
@@ -59,6 +60,15 @@ def train_cmd(out: str, preset: str, config_file: str | None, sets: tuple[str, .
         echo_json(summary)
         return
     f, la = summary["first"], summary["last"]
+    if "distinct_cells" in summary:  # a k-means codebook (preset cells)
+        state = "converged" if summary["converged"] else "not converged"
+        click.echo(f"k-means: {summary['step']} Lloyd iterations ({state}) over the {summary['distinct_cells']} "
+                   f"distinct cells of {summary['num_frames']} frames in {summary['seconds']:.0f} s: "
+                   f"{summary['tokenizer']}")
+        if la:
+            click.echo(f"L1 {la['l1']:.4f}, codes used {la['usage']:.0%}, perplexity {la['perplexity']:.0f}")
+        click.echo(f"reconstructions: {summary['png']}")
+        return
     click.echo(f"trained to step {summary['step']} on {summary['num_frames']} frames "
                f"({summary['frames_per_s']:.1f} frames/s): {summary['tokenizer']}")
     if f and la:
@@ -99,7 +109,7 @@ def recon_cmd(ckpt: str, frames: str, count: int, start: int, stride: int, png: 
 
 @tokenizer_group.command("info")
 @click.argument("ckpt", required=False, type=click.Path(dir_okay=False))
-@click.option("--preset", type=click.Choice(["paper", "tiny"]), default="paper", show_default=True,
+@click.option("--preset", type=click.Choice(["paper", "tiny", "cells"]), default="paper", show_default=True,
               help="Architecture to describe when no CKPT is given.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def info_cmd(ckpt: str | None, preset: str, as_json: bool) -> None:

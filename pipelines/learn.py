@@ -47,7 +47,9 @@ class LearnConfig:
     heldout_steps: int = 5_000  # agent steps of run 2 per game: held-out data for the world-model metrics
     capacity: int = 10_000  # rows per DQN-Replay checkpoint file (real data: 1,000,000)
     max_frames: int = 10_000  # emulator frames per episode, recorded and evaluated (Freeway's game: 8,192)
-    tokenizer_steps: int = 3_000  # tiny tokenizer steps (batch 64)
+    tokenizer: str = "cells"  # tokenizer training preset: cells (k-means codebook of cell images, up to 40 Lloyd
+    # iterations) or tiny (the patch-MLP VQ-VAE, tokenizer_steps steps); docs/tokenizer.md compares them
+    tokenizer_steps: int = 3_000  # steps of gradient-trained tokenizers (tiny, the tiny_conv baseline): batch 64
     stage1_steps: int = 2_000  # world-loss steps (M1)
     stage2_steps: int = 3_000  # joint-loss steps (M2)
     batch_size: int = 32  # segments per step
@@ -285,7 +287,10 @@ def train_tokenizer_stage(cfg: LearnConfig, paths: LearnPaths, games: list) -> d
     if not paths.index.exists():
         sel = SubsampleOptions(runs=(1,), checkpoints=(0, 10_000), fraction=1.0, seed=cfg.seed)
         write_index(build_index(games, paths.replay, options=sel), paths.index)
-    tcfg = apply_overrides(train_preset("tiny"), {"steps": cfg.tokenizer_steps, "seed": cfg.seed})
+    over: dict[str, Any] = {"seed": cfg.seed}
+    if cfg.tokenizer != "cells":  # a k-means fit runs until it converges (train_preset("cells"))
+        over["steps"] = cfg.tokenizer_steps
+    tcfg = apply_overrides(train_preset(cfg.tokenizer), over)
     res = train_tokenizer(tcfg, paths.tokenizer_run, index=paths.index, replay_root=paths.replay,
                           resume=(paths.tokenizer_run / "checkpoint.pt").exists(), progress=True)
     return {k: v for k, v in res.items() if isinstance(v, (int, float, str))}

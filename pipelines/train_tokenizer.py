@@ -66,7 +66,8 @@ class TokenizerTrainConfig:
 
 
 def train_preset(name: str) -> TokenizerTrainConfig:
-    """`paper` (appendix E) or `tiny` (CPU: patch MLPs, batch 64, lr 1e-3, perceptual off, 3000 steps)."""
+    """`paper` (appendix E), `tiny` (CPU: patch MLPs, batch 64, lr 1e-3, perceptual off, 3000 steps) or `cells`
+    (k-means codebook of cell images, up to 40 Lloyd iterations)."""
     if name == "paper":
         return TokenizerTrainConfig()
     if name == "tiny":
@@ -75,7 +76,11 @@ def train_preset(name: str) -> TokenizerTrainConfig:
         return TokenizerTrainConfig(model=tokenizer_preset("tiny"), batch_size=64, lr=1e-3, steps=3000,
                                     log_every=10, ckpt_every=500, image_every=500, dead_code_restart=True,
                                     dead_code_window=100, restart_every=100)
-    raise ConfigError(f"unknown tokenizer training preset {name!r} (choose 'paper' or 'tiny')")
+    if name == "cells":
+        # A step is one Lloyd iteration over all the frames' distinct cells; 40 is past convergence on the frames of
+        # `jowa bench learn` (the codebook then changes by a few cells an iteration), and the fit stops when none does.
+        return TokenizerTrainConfig(model=tokenizer_preset("cells"), steps=40, ckpt_every=5)
+    raise ConfigError(f"unknown tokenizer training preset {name!r} (choose 'paper', 'tiny' or 'cells')")
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -215,6 +220,8 @@ def _train_tokenizer(cfg: TokenizerTrainConfig, out: Path, frames: str | Path | 
     if state is not None and int(state["data"]["n"]) != data.shape[0]:
         raise CheckpointError(f"{frames_path}: holds {data.shape[0]} frames, the checkpoint was trained on "
                               f"{state['data']['n']}")
+    if cfg.model.arch == "cells":
+        return _fit_cells(cfg, out, data, frames_path, data_info, state, progress)
 
     device = pick_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
@@ -327,6 +334,77 @@ def _train_tokenizer(cfg: TokenizerTrainConfig, out: Path, frames: str | Path | 
     return {"step": step, "first": first, "last": last, "out": str(out), "tokenizer": str(out / "tokenizer.pt"),
             "png": str(png) if png else None, "frames": str(frames_path), "num_frames": int(data.shape[0]),
             "frames_per_s": frames_done / max(time.perf_counter() - t0, 1e-9), "params": tok.num_params()}
+
+
+def _fit_cells(cfg: TokenizerTrainConfig, out: Path, data: np.ndarray, frames_path: Path, data_info: dict[str, Any],
+               state: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
+    """`arch="cells"`: a step is one Lloyd iteration over every distinct cell of the frames (jowa_model/cell_codebook);
+    the fit stops early once no cell changes code. Same run folder, checkpoint, metrics and pictures as training."""
+    from jowa_model.cell_codebook import distinct_cells, init_codebook, lloyd_step
+
+    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    torch.manual_seed(cfg.seed)
+    tok = Tokenizer(cfg.model).eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    cells, counts = distinct_cells(np.asarray(data), cfg.model.resolution // cfg.model.grid_size)
+    x = torch.from_numpy(cells).float().div_(127.5).sub_(1.0)  # the tokenizer's input scale
+    weights = torch.from_numpy(counts).float()
+    log.info("%d frames: %d cells, %d distinct", data.shape[0], int(counts.sum()), len(cells))
+    step, converged = 0, False
+    if state is not None:
+        tok.load_state_dict(tokenizer_from_dict(state["tokenizer"], ckpt_path).state_dict())
+        step, converged = int(state["step"]), bool(state.get("converged", False))
+        _truncate_metrics(metrics_path, step)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", {"config": config_to_dict(cfg), "data": data_info})
+        with torch.no_grad():
+            tok.embedding.weight.copy_(init_codebook(x, weights, cfg.model.vocab_size, gen))
+    grid_idx = np.linspace(0, data.shape[0] - 1, num=min(cfg.image_frames, data.shape[0])).astype(np.int64)
+    grid_frames = gather(data, grid_idx)
+
+    def save(step: int) -> None:
+        atomic_torch_save({"format": "jowa-tokenizer-train", "step": step, "config": config_to_dict(cfg),
+                           "data": data_info, "tokenizer": tokenizer_to_dict(tok), "converged": converged}, ckpt_path)
+        save_tokenizer(tok, out / "tokenizer.pt")
+
+    first = last = None
+    previous = None
+    bar = None
+    if progress and not converged:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="tokenizer k-means", unit="iter", dynamic_ncols=True)
+    with metrics_path.open("a", encoding="utf-8") as mf:
+        while step < cfg.steps and not converged:
+            with torch.no_grad():
+                new, previous, st = lloyd_step(x, weights, tok.embedding.weight, previous)
+                tok.embedding.weight.copy_(new)
+            step += 1
+            converged = st.changed == 0 and st.reseeded == 0
+            rec = {"step": step, "objective": st.objective, "l1": st.l1, "changed": st.changed,
+                   "reseeded": st.reseeded, "usage": st.used / cfg.model.vocab_size, "perplexity": st.perplexity,
+                   "distinct_cells": len(cells), "seconds": time.perf_counter() - t0}
+            mf.write(json.dumps(rec, sort_keys=True) + "\n")
+            mf.flush()
+            first, last = first or rec, rec
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or converged:
+                save(step)
+            if bar is not None:
+                bar.set_postfix(l1=f"{st.l1:.4f}", changed=st.changed, used=st.used)
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    if not (out / "tokenizer.pt").exists():
+        save(step)
+    png = write_recon_png(tok, grid_frames, out / "recon" / f"step_{step:07d}.png")[0]
+    if converged:
+        log.info("k-means converged after %d iterations", step)
+    return {"step": step, "first": first, "last": last, "out": str(out), "tokenizer": str(out / "tokenizer.pt"),
+            "png": str(png), "frames": str(frames_path), "num_frames": int(data.shape[0]),
+            "distinct_cells": len(cells), "converged": converged, "seconds": time.perf_counter() - t0,
+            "params": tok.num_params()}
 
 
 def previous_rows(idx: np.ndarray, game_of: np.ndarray) -> np.ndarray:
