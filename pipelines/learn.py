@@ -1,7 +1,8 @@
 """`jowa bench learn`: does the agent beat the behaviour that produced its data? One resumable command.
 
 record mixed-quality data on the real emulator (each game's heuristic controller under an epsilon that decays
-1.0 -> 0.05 over the recording, the shape of a DQN-Replay run) -> train the tokenizer -> build token shards ->
+1.0 -> 0.05 over the recording, the shape of a DQN-Replay run) -> fit the tokenizer (a k-means codebook of
+cell images, docs/tokenizer.md) -> build token shards ->
 pretrain ONE multi-game world-action model -> evaluate it on the real emulator with the paper's protocol
 (no sticky actions, epsilon 0.001, greedy and beam) beside uniform random play under the same protocol and
 frame cap -> one report (printed, report.json, report.png) per game:
@@ -380,8 +381,8 @@ def evaluate_stage(cfg: LearnConfig, paths: LearnPaths, games: list) -> dict[str
 
 
 def tokenizer_baseline(cfg: LearnConfig, paths: LearnPaths, games: list) -> dict[str, Any]:
-    """Ablation: the conv tokenizer the `tiny` preset used to be (plain L1, batch 32), same step budget, same
-    frames; its held-out errors beside the preset's."""
+    """Ablation: the conv tokenizer the `tiny` preset used to be (plain L1, batch 32), `tokenizer_steps` steps on the
+    same frames; its held-out errors beside those of the tokenizer the run uses."""
     from jowa_model.tokenizer import load_tokenizer, tokenizer_preset
     from pipelines.train_tokenizer import TokenizerTrainConfig, train_tokenizer
 

@@ -393,6 +393,8 @@ def _fit_cells(cfg: TokenizerTrainConfig, out: Path, data: np.ndarray, frames_pa
                 save(step)
             if bar is not None:
                 bar.set_postfix(l1=f"{st.l1:.4f}", changed=st.changed, used=st.used)
+                if converged:
+                    bar.total = step  # the bar ends full at convergence
                 bar.update(1)
     if bar is not None:
         bar.close()

@@ -208,3 +208,35 @@ def test_kill_while_the_checkpoint_is_a_temp_file(tmp_path, atari_frames_npy, on
     assert not temps[0].exists()
     sa, sb = load_tokenizer(ref / "tokenizer.pt").state_dict(), load_tokenizer(run / "tokenizer.pt").state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+CELLS_SETS = ["model.vocab_size=64", "steps=40", "ckpt_every=1", "tensorboard=false", "seed=2"]
+
+
+def test_cells_fit_resumes_after_a_kill_and_converges(tmp_path, atari_frames_npy, one_thread):
+    """The k-means preset: Lloyd iterations logged, stops when no cell changes code, and a run killed just before
+    its third checkpoint lands resumes to the uninterrupted run's codebook."""
+    ref = tmp_path / "ref"
+    cfg = apply_overrides(train_preset("cells"), parse_set_args(CELLS_SETS))
+    summary = train_tokenizer(cfg, ref, frames=atari_frames_npy, progress=False)
+    rows = read_metrics(ref)
+    assert summary["converged"] and summary["step"] == len(rows) < 40 and rows[-1]["changed"] == 0
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    assert all(b["objective"] <= a["objective"] + 1e-9 for a, b in zip(rows, rows[1:]))  # Lloyd never goes up
+    assert rows[-1]["usage"] == 1.0 and summary["distinct_cells"] > 64
+    assert (ref / "recon" / f"step_{summary['step']:07d}.png").is_file()
+
+    run = tmp_path / "killed"
+    args = ["tokenizer", "train", "--preset", "cells", "--out", str(run), "--frames", str(atari_frames_npy),
+            "--no-progress"]
+    for s in CELLS_SETS:
+        args += ["--set", s]
+    r = run_killed(r"/\.checkpoint\.pt\.[^/]+\.tmp$", 3, "pipelines.cli", args)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+    r = CliRunner().invoke(jowa_main, args + ["--resume"])
+    assert r.exit_code == 0, r.output
+    assert f"k-means: {summary['step']} Lloyd iterations (converged)" in r.output
+    assert [x["objective"] for x in read_metrics(run)] == [x["objective"] for x in rows]
+    sa, sb = load_tokenizer(ref / "tokenizer.pt").state_dict(), load_tokenizer(run / "tokenizer.pt").state_dict()
+    assert list(sa) == ["embedding.weight"] and torch.equal(sa["embedding.weight"], sb["embedding.weight"])
