@@ -30,6 +30,19 @@ RESUME_SETS = ["model.ch=8", "batch_size=8", "steps=12", "log_every=1", "ckpt_ev
                "tensorboard=false", "seed=3"]
 
 
+def train_args(preset: str, run: Path, frames: Path, sets: list[str]) -> list[str]:
+    """`jowa tokenizer train` arguments for a run folder, without a progress bar."""
+    args = ["tokenizer", "train", "--preset", preset, "--out", str(run), "--frames", str(frames), "--no-progress"]
+    return args + [x for s in sets for x in ("--set", s)]
+
+
+def kill_before_checkpoint(nth: int, args: list[str]):
+    """Run the CLI in a child SIGKILLed just before its `nth` checkpoint temp file is renamed into place."""
+    r = run_killed(r"/\.checkpoint\.pt\.[^/]+\.tmp$", nth, "pipelines.cli", args)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    return r
+
+
 def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -195,12 +208,8 @@ def test_kill_while_the_checkpoint_is_a_temp_file(tmp_path, atari_frames_npy, on
     cfg = apply_overrides(train_preset("tiny"), parse_set_args(RESUME_SETS))
     train_tokenizer(cfg, ref, frames=atari_frames_npy, progress=False)
     run = tmp_path / "killed"
-    args = ["tokenizer", "train", "--preset", "tiny", "--out", str(run), "--frames", str(atari_frames_npy),
-            "--no-progress"]
-    for s in RESUME_SETS:
-        args += ["--set", s]
-    r = run_killed(r"/\.checkpoint\.pt\.[^/]+\.tmp$", 2, "pipelines.cli", args)
-    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    args = train_args("tiny", run, atari_frames_npy, RESUME_SETS)
+    r = kill_before_checkpoint(2, args)
     temps = list(run.glob(".checkpoint.pt.*.tmp"))
     assert len(temps) == 1 and torch.load(run / "checkpoint.pt", weights_only=True)["step"] < 12
     r = CliRunner().invoke(jowa_main, args + ["--resume", "--json"])
@@ -227,12 +236,8 @@ def test_cells_fit_resumes_after_a_kill_and_converges(tmp_path, atari_frames_npy
     assert (ref / "recon" / f"step_{summary['step']:07d}.png").is_file()
 
     run = tmp_path / "killed"
-    args = ["tokenizer", "train", "--preset", "cells", "--out", str(run), "--frames", str(atari_frames_npy),
-            "--no-progress"]
-    for s in CELLS_SETS:
-        args += ["--set", s]
-    r = run_killed(r"/\.checkpoint\.pt\.[^/]+\.tmp$", 3, "pipelines.cli", args)
-    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    args = train_args("cells", run, atari_frames_npy, CELLS_SETS)
+    kill_before_checkpoint(3, args)
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
     r = CliRunner().invoke(jowa_main, args + ["--resume"])
     assert r.exit_code == 0, r.output
