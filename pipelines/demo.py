@@ -22,7 +22,7 @@ from pipelines.learn import LearnConfig, LearnPaths, print_wrapped, render_repor
 
 
 def demo_learn_config() -> LearnConfig:
-    """`jowa bench learn` sized for the 20-minute main job (the bench's defaults take about an hour). The held-out
+    """`jowa bench learn` sized for the 20-minute main job (the bench's defaults take about 35 minutes). The held-out
     recording is 2,500 steps because a Freeway game lasts about 2,040 agent steps: each game needs one complete
     held-out episode (a selection without one is an error)."""
     return LearnConfig(record_steps=12_000, heldout_steps=2_500, tokenizer_steps=1_500, stage1_steps=600,
