@@ -1,4 +1,4 @@
-"""Train the VQ-VAE tokenizer on replay frames, with exact resume after a kill.
+"""Train the VQ-VAE tokenizer on replay frames (or fit the `cells` k-means codebook), with exact resume after a kill.
 
 Paper appendix E / official code: Adam (no weight decay), lr 1e-4, batch 2048 frames, grad-norm clip 1.0,
 loss L1 + codebook + commitment + LPIPS (weights 1). Beyond the paper: codebook usage, perplexity and
@@ -339,7 +339,8 @@ def _train_tokenizer(cfg: TokenizerTrainConfig, out: Path, frames: str | Path | 
 def _fit_cells(cfg: TokenizerTrainConfig, out: Path, data: np.ndarray, frames_path: Path, data_info: dict[str, Any],
                state: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
     """`arch="cells"`: a step is one Lloyd iteration over every distinct cell of the frames (jowa_model/cell_codebook);
-    the fit stops early once no cell changes code. Same run folder, checkpoint, metrics and pictures as training."""
+    the fit stops early once no cell changes code. Same run folder, checkpoint and metrics.jsonl as training; one
+    reconstruction grid at the end, no TensorBoard (a fit is about 30 lines of metrics)."""
     from jowa_model.cell_codebook import distinct_cells, init_codebook, lloyd_step
 
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
