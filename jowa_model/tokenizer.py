@@ -57,8 +57,8 @@ def tokenizer_preset(name: str) -> TokenizerConfig:
     if name == "cells":
         # No networks: a code is a 14x14 cell image, a frame's tokens are its cells' nearest codes, and the codebook is
         # fitted by k-means over the training frames' cells (jowa_model/cell_codebook.py). On the frames of
-        # `jowa bench learn` it reaches a 12x lower L1 than the patch MLPs' 3,000 steps and 1.7x lower on moving
-        # pixels in a minute, and draws Breakout's ball, which no gradient-trained CPU tokenizer here did
+        # `jowa bench learn` it reaches a 12x lower L1 than the patch MLPs' 3,000 steps and 2x lower on moving
+        # pixels in under a minute, and draws Breakout's ball, which no gradient-trained CPU tokenizer here did
         # (docs/tokenizer.md).
         return TokenizerConfig(arch="cells", z_channels=196, embed_dim=196, perceptual="off")
     if name == "tiny_conv":
@@ -92,13 +92,13 @@ class Tokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or TokenizerConfig()
-        cells = cfg.arch in ("patch", "cells")
-        self.encoder = PatchEncoder(cfg) if cells else Encoder(cfg)
-        quant = (lambda: nn.Identity()) if cfg.arch == "cells" else (lambda: nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1))
-        self.pre_quant_conv = quant()
+        per_cell = cfg.arch in ("patch", "cells")
+        convs = cfg.arch != "cells"  # cells: codes are cell images, nothing to project
+        self.encoder = PatchEncoder(cfg) if per_cell else Encoder(cfg)
+        self.pre_quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1) if convs else nn.Identity()
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_dim)  # the codebook
-        self.post_quant_conv = quant()
-        self.decoder = PatchDecoder(cfg) if cells else Decoder(cfg)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1) if convs else nn.Identity()
+        self.decoder = PatchDecoder(cfg) if per_cell else Decoder(cfg)
         if cfg.init == "official" and cfg.arch == "conv":
             official_init_(self.encoder)
             official_init_(self.decoder)

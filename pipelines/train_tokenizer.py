@@ -114,6 +114,12 @@ def recon_grid(originals: np.ndarray, recons: np.ndarray, scale: int = 2, gap: i
     return np.kron(img, np.ones((scale, scale), dtype=np.uint8)) if scale > 1 else img
 
 
+def recon_frames(data: np.ndarray, count: int) -> np.ndarray:
+    """The frames of every reconstruction grid of a run: `count` spread evenly over the data, the same each time."""
+    idx = np.linspace(0, data.shape[0] - 1, num=min(count, data.shape[0])).astype(np.int64)
+    return gather(data, idx)
+
+
 def write_recon_png(tok: Tokenizer, frames: np.ndarray, path: str | Path) -> tuple[Path, np.ndarray, float]:
     """Encode->decode `frames`, write the grid PNG atomically; returns (path, grid, mean L1 in [0,1] pixels)."""
     from PIL import Image
@@ -245,9 +251,7 @@ def _train_tokenizer(cfg: TokenizerTrainConfig, out: Path, frames: str | Path | 
         atomic_write_json(config_path, {"config": config_to_dict(cfg), "data": data_info})
     tok.train()
     tok.perceptual_module()  # build (and log) the LPIPS backend before the first step: fail early
-    # Fixed frames for the reconstruction grids: spread evenly over the data, same every time.
-    grid_idx = np.linspace(0, data.shape[0] - 1, num=min(cfg.image_frames, data.shape[0])).astype(np.int64)
-    grid_frames = gather(data, grid_idx)
+    grid_frames = recon_frames(data, cfg.image_frames)
     moving = cfg.model.moving_weight > 0 or cfg.restart_sampling == "moving"
     game_of = game_of_rows(data.shape[0], frames_path) if cfg.model.foreground_weight > 0 or moving else None
     backgrounds = frame_backgrounds(data, frames_path) if cfg.model.foreground_weight > 0 else None
@@ -344,8 +348,7 @@ def _fit_cells(cfg: TokenizerTrainConfig, out: Path, data: np.ndarray, frames_pa
     from jowa_model.cell_codebook import distinct_cells, init_codebook, lloyd_step
 
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    torch.manual_seed(cfg.seed)
-    tok = Tokenizer(cfg.model).eval()
+    tok = Tokenizer(cfg.model).eval()  # its codebook is drawn by init_codebook below, or loaded
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
     cells, counts = distinct_cells(np.asarray(data), cfg.model.resolution // cfg.model.grid_size)
@@ -362,8 +365,7 @@ def _fit_cells(cfg: TokenizerTrainConfig, out: Path, data: np.ndarray, frames_pa
         atomic_write_json(out / "config.json", {"config": config_to_dict(cfg), "data": data_info})
         with torch.no_grad():
             tok.embedding.weight.copy_(init_codebook(x, weights, cfg.model.vocab_size, gen))
-    grid_idx = np.linspace(0, data.shape[0] - 1, num=min(cfg.image_frames, data.shape[0])).astype(np.int64)
-    grid_frames = gather(data, grid_idx)
+    grid_frames = recon_frames(data, cfg.image_frames)
 
     def save(step: int) -> None:
         atomic_torch_save({"format": "jowa-tokenizer-train", "step": step, "config": config_to_dict(cfg),
