@@ -8,6 +8,8 @@ Decisions (official code: docs/official_code.md §3, §9):
   terminal; a terminal step (ends=1) targets clip(r_t) alone. The last real step of a cut segment has no target.
   a* = argmax over the game's VALID actions of the target head's expected Q (same head selects and evaluates,
   as in the official code). The target head reads the online backbone features (no target transformer).
+  `td_backup="data"` (opt-in) bootstraps from the data's next action instead of a*: no max over actions, so no
+  overestimation from maximising over noisy values of actions the data rarely takes (docs/learning.md).
 - CQL action set: `cql_actions="valid"` (default) takes the logsumexp over the game's valid actions only.
   The official code uses all 18 (its TD argmax and acting are masked, its CQL is not). Invalid actions never
   occur in the data and are never chosen, so pushing their Q down only wastes gradient, and an unmasked
@@ -36,6 +38,9 @@ class LossConfig:
     cql_alpha: float = 0.1  # alpha of Eq. 8 (paper sec. 4.1.3; CQL: sec. 3.2); 0 = "no CQL" ablation
     cql_actions: Literal["valid", "all"] = "valid"  # logsumexp action set; "all" = official (see module doc)
     td_loss: Literal["c51", "mse"] = "c51"  # "mse" = ablation: squared error on expected Q (Table 6)
+    td_backup: Literal["max", "data"] = "max"  # next action of the TD target: "max" = a* of the target head
+    # (Q-learning, Eq. 8); "data" = the data's own next action (SARSA: the critic evaluates the behaviour and
+    # acting greedily on it is one step of policy improvement, Brandfonbrener et al. 2021). Opt-in, see module doc.
     action_grad_to_backbone: bool = True  # False = sg(L_action) ablation: Q losses do not train the transformer
 
 
@@ -137,7 +142,7 @@ def action_loss(model: WorldActionModel, h_q: torch.Tensor, batch: Mapping[str, 
     with torch.no_grad():
         tp = model.q_probs(h_q.detach(), target=True)  # (B, L, 18, atoms)
         tq = expected_q(tp, support).masked_fill(~valid_actions, float("-inf"))  # (B, L, 18)
-        a_star = tq.argmax(-1)  # (B, L)
+        a_star = actions if cfg.td_backup == "data" else tq.argmax(-1)  # (B, L): block t+1's next action
         p_next = tp.gather(2, a_star[:, :, None, None].expand(-1, -1, 1, tp.shape[-1])).squeeze(2)  # (B, L, atoms)
         p_next = F.pad(p_next[:, 1:], (0, 0, 0, 1))  # step t bootstraps from block t+1; (B, L, atoms)
         # terminal rows: any distribution of mass 1 collapses onto clip(r) (official: uniform placeholder)
@@ -147,7 +152,7 @@ def action_loss(model: WorldActionModel, h_q: torch.Tensor, batch: Mapping[str, 
             m = c51_project(p_next.reshape(-1, p_next.shape[-1]), rewards.reshape(-1), dones.reshape(-1),
                             support, cfg.gamma).view_as(p_next)
         else:
-            v_next = F.pad(tq.max(-1).values[:, 1:], (0, 1)).nan_to_num(0.0, neginf=0.0)  # (B, L)
+            v_next = F.pad(tq.gather(2, a_star[:, :, None]).squeeze(2)[:, 1:], (0, 1)).nan_to_num(0.0, neginf=0.0)
             y = rewards.float() + cfg.gamma * (~dones).float() * v_next
     if cfg.td_loss == "c51":
         td = masked_mean(-(m * torch.log(p_data + LOG_EPS)).sum(-1), has_target)

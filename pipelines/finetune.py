@@ -143,9 +143,10 @@ def finetune_preset(name: str = "paper") -> FinetuneConfig:
     if name == "paper":
         return FinetuneConfig()
     if name == "tiny":
-        # CQL alpha 1.0 as the tiny pretraining preset (see pipelines.pretrain.train_preset)
+        # CQL alpha 1.0 and the data's next action as TD backup, as the tiny pretraining preset
+        # (see pipelines.pretrain.train_preset): fine-tuning continues the critic pretraining trained
         return FinetuneConfig(data=FinetuneDataConfig(batch_size=8), steps=50, log_every=5, ckpt_every=25,
-                              loss=LossConfig(world_weight=0.5, cql_alpha=1.0),
+                              loss=LossConfig(world_weight=0.5, cql_alpha=1.0, td_backup="data"),
                               imagine=ImagineConfig(batch_size=4, after_steps=0),
                               eval=EvalConfig(every=25, episodes=2, max_frames=2000), lr=5e-4, critic_lr=5e-4)
     raise ConfigError(f"unknown fine-tuning preset {name!r} (choose 'paper' or 'tiny')")

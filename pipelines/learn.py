@@ -4,8 +4,8 @@ record mixed-quality data on the real emulator (each game's heuristic controller
 1.0 -> 0.05 over the recording, the shape of a DQN-Replay run) -> fit the tokenizer (a k-means codebook of
 cell images, docs/tokenizer.md) -> build token shards ->
 pretrain ONE multi-game world-action model -> evaluate it on the real emulator with the paper's protocol
-(no sticky actions, epsilon 0.001, greedy and beam) beside uniform random play under the same protocol and
-frame cap -> one report (printed, report.json, report.png) per game:
+(no sticky actions, epsilon 0.001, greedy and beam; `eval_sticky=0.25` evaluates under the recordings' sticky
+actions instead) beside uniform random play under the same protocol and frame cap -> one report (printed, report.json, report.png) per game:
 
 * returns of random play, the data (the behaviour's episodes in the built dataset), greedy and beam, each with
   a 95% percentile-bootstrap CI over episodes. DQN-Replay stores clipped rewards, so the data's return is only
@@ -54,7 +54,10 @@ class LearnConfig:
     stage1_steps: int = 2_000  # world-loss steps (M1)
     stage2_steps: int = 3_000  # joint-loss steps (M2)
     batch_size: int = 32  # segments per step
-    eval_episodes: int = 8  # episodes per game and player (paper: 16)
+    eval_episodes: int = 16  # episodes per game and player (paper E.3: 16)
+    eval_sticky: float = 0.0  # ALE repeat_action_probability when evaluating every player. 0 = the paper's
+    # protocol (Table 16), whose episodes are near-copies (CIs of width ~0); 0.25 = the protocol the data was
+    # recorded under (DQN-Replay's sticky actions, `jowa-data record`): episodes differ, CIs have width
     planners: tuple[str, ...] = ("greedy", "beam")  # model players; random play is always evaluated
     n_boot: int = 2_000  # bootstrap resamples of each CI
     seed: int = 0
@@ -362,7 +365,7 @@ def evaluate_stage(cfg: LearnConfig, paths: LearnPaths, games: list) -> dict[str
     docs = {}
     for player in ("random", *cfg.planners):
         ecfg = EvalConfig(episodes=cfg.eval_episodes, planner=player, max_frames=cfg.max_frames, seed=cfg.seed,
-                          video_dir=str(paths.pictures) if player == "beam" else "")
+                          sticky=cfg.eval_sticky, video_dir=str(paths.pictures) if player == "beam" else "")
         docs[player] = evaluate(None if player == "random" else ckpt, None if player == "random" else paths.tokenizer,
                                 [m.name for m in games], ecfg, out=paths.eval / f"{player}.json", progress=True)
     data = data_returns(paths.dataset)
@@ -442,8 +445,9 @@ def render_report(report: dict[str, Any], console) -> None:
     """The report as three tables that fit 100 columns, then the checks and flags."""
     from rich.table import Table
 
-    cap = report["config"]["max_frames"]
-    t = Table(title=f"mean episode return, clipped rewards, 95% CI (<= {cap:,} frames, no sticky actions)")
+    cap, sticky = report["config"]["max_frames"], report["config"].get("eval_sticky", 0.0)
+    actions = f"sticky {sticky:g}" if sticky else "no sticky actions"
+    t = Table(title=f"mean episode return, clipped rewards, 95% CI (<= {cap:,} frames, {actions})")
     t.add_column("game")
     for k in RETURN_KINDS:
         t.add_column(k, justify="right")

@@ -90,7 +90,12 @@ def train_preset(name: str) -> PretrainConfig:
         # CQL alpha 1.0 (paper: 0.1; Kumar et al. 2020 use 1-4 on Atari): measured with the tiny model on 30k
         # transitions per game, alpha 0.1 left Breakout's greedy agent pressing LEFT for whole episodes (clipped
         # return 0.75, random play 1.2), alpha 1.0 scored 3.5 with the same data and steps (docs/learning.md).
-        return PretrainConfig(model=model_preset("tiny"), loss=LossConfig(cql_alpha=1.0),
+        # TD backup from the data's next action (SARSA; paper: max over actions, Eq. 8): with the max, this small
+        # critic over-valued contexts whose last actions were random-looking (max over near-equal noisy values),
+        # so beam search, which scores imagined states by V, drove Freeway's chicken DOWN: beam 0.0 vs greedy 22.4.
+        # With it, on the same data and steps, Q at the data's actions 5.5 -> 1.5 (the games' returns), beam
+        # on Freeway 22.2, greedy unchanged on all three games (docs/learning.md).
+        return PretrainConfig(model=model_preset("tiny"), loss=LossConfig(cql_alpha=1.0, td_backup="data"),
                               data=DataConfig(batch_size=16), stage1_steps=200, stage2_steps=200, log_every=10, ckpt_every=100, eval_every=100,
                               optim=OptimConfig(lr_stage1=1e-3, lr_stage2=5e-4, critic_lr=5e-4))
     return PretrainConfig(model=model_preset(name))

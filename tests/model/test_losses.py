@@ -181,14 +181,15 @@ def test_world_loss_equals_per_position_reference():
     torch.testing.assert_close(terms.total, terms.obs + terms.reward + terms.end)
 
 
-def test_td_loss_equals_per_row_reference():
+@pytest.mark.parametrize("backup", ["max", "data"])
+def test_td_loss_equals_per_row_reference(backup):
     m = tiny().eval()
     masks = torch.zeros(60, 18, dtype=torch.bool)
     masks[:, :4] = True
     masks[6] = torch.tensor([a in (0, 1, 11, 12) for a in range(18)])
     m.set_action_masks(masks)
     b = make_batch()
-    cfg = LossConfig(cql_alpha=0.0)
+    cfg = LossConfig(cql_alpha=0.0, td_backup=backup)
     terms = compute_loss(m, b, cfg)
     h = m(b["tokens"], b["actions"], b["task_ids"])[:, :, 35]  # (B, L, D)
     losses = []
@@ -205,7 +206,7 @@ def test_td_loss_equals_per_row_reference():
             else:
                 tp = m.q_logits(h[i, t + 1], target=True).softmax(-1).mean(0)  # (18, 51)
                 q = (tp @ SUPPORT).masked_fill(~valid, -float("inf"))
-                nxt = tp[q.argmax()]
+                nxt = tp[q.argmax()] if backup == "max" else tp[b["actions"][i, t + 1]]  # a* or the data's
             target = project_loop(nxt[None], b["rewards"][i, t][None], torch.tensor([done]), SUPPORT, 0.99)[0]
             losses.append(-(target * torch.log(p + 1e-8)).sum())
     assert len(losses) == 6 + 6 + 7  # row 0: 0..5 (5 terminal); row 1: 0..5 (6 is cut); row 2: 0..6
@@ -248,6 +249,9 @@ def test_ablation_switches():
     # MSE TD: squared error on expected Q, finite and different from C51
     mse = compute_loss(m, b, LossConfig(td_loss="mse"))
     assert torch.isfinite(mse.td) and not torch.isclose(mse.td, base.td)
+    # SARSA backup (the data's next action): a different target than a*, in both TD forms
+    assert not torch.isclose(compute_loss(m, b, LossConfig(td_backup="data")).td, base.td)
+    assert not torch.isclose(compute_loss(m, b, LossConfig(td_loss="mse", td_backup="data")).td, mse.td)
     # CQL over all 18 actions (official) is larger: more terms in the logsumexp
     masks = torch.zeros(60, 18, dtype=torch.bool)
     masks[:, :4] = True

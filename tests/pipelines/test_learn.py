@@ -62,7 +62,7 @@ def test_learn_end_to_end_tiny_and_resume(tmp_path):
     """Every stage on the real emulator at a toy size; a rerun resumes (every stage skipped) with the same report."""
     sets = ["games=[\"Freeway\", \"Breakout\"]", "record_steps=700", "heldout_steps=300", "capacity=400",
             "max_frames=1200", "tokenizer_steps=6", "stage1_steps=4", "stage2_steps=4", "batch_size=4",
-            "eval_episodes=2", "n_boot=50", "threads=1"]
+            "eval_episodes=2", "eval_sticky=0.25", "n_boot=50", "threads=1"]
     args = ["bench", "learn", "--out", str(tmp_path / "L"), "--json"] + [x for s in sets for x in ("--set", s)]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
@@ -87,6 +87,9 @@ def test_learn_end_to_end_tiny_and_resume(tmp_path):
     render_report(rep, con)
     text = con.file.getvalue()
     assert "Freeway" in text and "world model" in text and max(len(ln) for ln in text.splitlines()) <= 100
+    assert "frames, sticky 0.25)" in text  # the protocol the players were evaluated under
+    ev = json.loads((tmp_path / "L" / "eval" / "greedy.json").read_text())
+    assert all(ev["games"][g]["settings"]["sticky"] == 0.25 for g in ("Freeway", "Breakout"))
     # the main job's summary (this report + fine-tuning + the pictures) fits 100 columns on a wide terminal too
     from pipelines.demo import render_summary
 

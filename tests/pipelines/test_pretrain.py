@@ -157,3 +157,16 @@ def test_resume_with_other_shape_is_refused(built_dataset, tmp_path):
     pretrain(small_cfg(built_dataset.path, stage1_steps=1, stage2_steps=1), tmp_path / "r")
     with pytest.raises(ConfigError, match="data.batch_size"):
         pretrain(small_cfg(built_dataset.path, stage1_steps=1, stage2_steps=2, data={"batch_size": 4}), tmp_path / "r")
+
+
+def test_paper_presets_keep_the_paper_backup_and_tiny_opts_in():
+    """The paper sizes bootstrap from max_a Q (Eq. 8); only the CPU presets use the data's next action, and
+    fine-tuning continues with the backup its pretraining used (docs/learning.md has the measurement)."""
+    from jowa_model.losses import LossConfig
+    from pipelines.finetune import finetune_preset
+
+    assert LossConfig().td_backup == "max"
+    for name in ("40M", "70M", "150M"):
+        assert train_preset(name).loss == LossConfig()
+    assert finetune_preset("paper").loss.td_backup == "max"
+    assert train_preset("tiny").loss.td_backup == finetune_preset("tiny").loss.td_backup == "data"
