@@ -64,8 +64,8 @@ def training_curves(rows: Sequence[dict[str, Any]], path: str | Path, stage1_ste
     return _save(fig, path)
 
 
-PLAYERS = (("random", "random play", "#9e9e9e"), ("data", "data (behaviour)", "#f0a030"),
-           ("greedy", "agent, greedy", "#4c72b0"), ("beam", "agent, beam", "#2a9d5c"))
+PLAYERS = (("random", "random\nplay", "#9e9e9e"), ("data", "data\n(behaviour)", "#f0a030"),
+           ("greedy", "agent\ngreedy", "#4c72b0"), ("beam", "agent\nbeam", "#2a9d5c"))
 
 
 def learn_chart(report: dict[str, Any], path: str | Path) -> Path:
@@ -81,11 +81,13 @@ def learn_chart(report: dict[str, Any], path: str | Path) -> Path:
                [max(row[k]["ci"][1] - m, 0) for (k, _, _), m in zip(kinds, means)]]
         bars = ax.bar(range(len(kinds)), means, yerr=err, capsize=4, color=[c for _, _, c in kinds])
         ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], fontsize=8, padding=2)
-        ax.set_xticks(range(len(kinds)), [label.replace(", ", "\n") for _, label, _ in kinds], fontsize=8)
+        ax.set_xticks(range(len(kinds)), [label for _, label, _ in kinds], fontsize=8)
         ax.set_title(g)
         ax.set_ylabel("episode return (clipped rewards)")
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"jowa bench learn: mean return per episode, 95% bootstrap CI; evaluation without sticky actions, "
+    sticky = report["config"].get("eval_sticky", 0.0)
+    actions = f"sticky actions {sticky:g}" if sticky else "without sticky actions"
+    fig.suptitle(f"jowa bench learn: mean return per episode, 95% bootstrap CI; evaluation {actions}, "
                  f"epsilon 0.001, <= {cap:,} frames", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

@@ -5,7 +5,8 @@ record mixed-quality data on the real emulator (each game's heuristic controller
 cell images, docs/tokenizer.md) -> build token shards ->
 pretrain ONE multi-game world-action model -> evaluate it on the real emulator with the paper's protocol
 (no sticky actions, epsilon 0.001, greedy and beam; `eval_sticky=0.25` evaluates under the recordings' sticky
-actions instead) beside uniform random play under the same protocol and frame cap -> one report (printed, report.json, report.png) per game:
+actions instead) beside uniform random play under the same protocol and frame cap -> one report (printed,
+report.json, report.png) per game:
 
 * returns of random play, the data (the behaviour's episodes in the built dataset), greedy and beam, each with
   a 95% percentile-bootstrap CI over episodes. DQN-Replay stores clipped rewards, so the data's return is only

@@ -102,7 +102,7 @@ def train_preset(name: str) -> PretrainConfig:
 
 
 SHAPE_FIELDS = ("model", "data.seq_len", "data.batch_size", "data.stride", "data.weights", "data.backend",
-                "stage1_steps", "seed")
+                "stage1_steps", "seed", "loss")  # must match to resume: a changed loss is another run, not a resume
 
 
 def _get(d: dict, dotted: str) -> Any:

@@ -157,6 +157,9 @@ def test_resume_with_other_shape_is_refused(built_dataset, tmp_path):
     pretrain(small_cfg(built_dataset.path, stage1_steps=1, stage2_steps=1), tmp_path / "r")
     with pytest.raises(ConfigError, match="data.batch_size"):
         pretrain(small_cfg(built_dataset.path, stage1_steps=1, stage2_steps=2, data={"batch_size": 4}), tmp_path / "r")
+    # another loss (e.g. the critic's backup, an ablation) is another run: resuming into it would mix two objectives
+    with pytest.raises(ConfigError, match="loss"):
+        pretrain(small_cfg(built_dataset.path, stage1_steps=1, stage2_steps=2, loss={"td_backup": "max"}), tmp_path / "r")
 
 
 def test_paper_presets_keep_the_paper_backup_and_tiny_opts_in():
