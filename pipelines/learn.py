@@ -99,7 +99,9 @@ def normalized(v: float, random: float, data: float) -> float:
 
 def learn_checks(games: dict[str, dict[str, Any]], world: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The questions the report answers, from its numbers: does the best planner beat random play / the data on
-    each game, is beam >= greedy on average (normalized by random and data), does the world model beat copying."""
+    each game, is beam >= greedy on average (normalized by random and data), does the world model beat copying,
+    does its reward head ever predict a reward (a balanced accuracy no better than a constant guess's means its
+    argmax is always the majority sign: beam's income-to-date, Eq. 11, is then 0 on that game)."""
     beats_random, beats_data, norm = {}, {}, {"greedy": [], "beam": []}
     for g, d in games.items():
         agents = [d[k]["mean"] for k in ("greedy", "beam") if k in d]
@@ -116,7 +118,9 @@ def learn_checks(games: dict[str, dict[str, Any]], world: dict[str, dict[str, An
             "normalized_mean": mean_norm,
             "beam_ge_greedy": bool(mean_norm["beam"] >= mean_norm["greedy"]) if not any(
                 math.isnan(v) for v in mean_norm.values()) else None,
-            "world_model_ge_copy": {g: bool(w["token_acc"] >= w["token_acc_copy"]) for g, w in world.items()}}
+            "world_model_ge_copy": {g: bool(w["token_acc"] >= w["token_acc_copy"]) for g, w in world.items()},
+            "reward_head_silent": {g: bool(w["reward_balanced_acc"] <= w["reward_balanced_acc_baseline"] + 1e-9)
+                                   for g, w in world.items() if "reward_balanced_acc" in w}}
 
 
 def td_flag(rows: list[dict[str, Any]], num_atoms: int, tol: float = 0.05) -> dict[str, Any]:
@@ -490,6 +494,10 @@ def render_report(report: dict[str, Any], console) -> None:
             "uniform return distribution (it learned no values)")
     elif q["td_last"] is not None:
         say(f"Q head: TD loss {q['td_first']:.3f} -> {q['td_last']:.3f} (ln atoms = {q['ln_atoms']:.3f})")
+    silent = [g for g, v in c.get("reward_head_silent", {}).items() if v]
+    if silent:
+        say(f"[yellow]note[/]: the reward head's argmax is always the majority sign on {', '.join(silent)} (held-out "
+            "balanced accuracy = a constant guess's): beam's predicted rewards are 0 there, it plans on Q alone")
     tr = report.get("transfer")
     if tr:
         say(f"transfer to {tr['game']} ({tr['transitions']} transitions, {tr['steps']} steps): pretrained "

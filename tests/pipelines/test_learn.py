@@ -36,7 +36,10 @@ def test_checks_on_hand_made_numbers():
     games = {"A": {"random": r(0.0), "data": r(10.0), "greedy": r(12.0), "beam": r(14.0)},
              "B": {"random": r(2.0), "data": r(4.0), "greedy": r(3.0), "beam": r(3.0)},
              "C": {"random": r(5.0), "data": r(6.0), "greedy": r(4.0), "beam": r(5.0)}}
-    world = {"A": {"token_acc": 0.9, "token_acc_copy": 0.8}, "B": {"token_acc": 0.5, "token_acc_copy": 0.6}}
+    world = {"A": {"token_acc": 0.9, "token_acc_copy": 0.8, "reward_balanced_acc": 0.75,
+                   "reward_balanced_acc_baseline": 0.5},
+             "B": {"token_acc": 0.5, "token_acc_copy": 0.6, "reward_balanced_acc": 0.5,
+                   "reward_balanced_acc_baseline": 0.5}}
     c = learn_checks(games, world)
     assert c["beats_random"] == {"A": True, "B": True, "C": False}
     assert c["beats_data"] == {"A": True, "B": False, "C": False} and c["games_beating_data"] == 1
@@ -46,6 +49,7 @@ def test_checks_on_hand_made_numbers():
     assert math.isclose(c["normalized_mean"]["beam"], (1.4 + 0.5 + 0.0) / 3)
     assert c["beam_ge_greedy"] is True
     assert c["world_model_ge_copy"] == {"A": True, "B": False}
+    assert c["reward_head_silent"] == {"A": False, "B": True}  # B's reward argmax is the majority sign only
 
 
 def test_td_flag_spots_a_uniform_return_distribution():
@@ -88,6 +92,9 @@ def test_learn_end_to_end_tiny_and_resume(tmp_path):
     text = con.file.getvalue()
     assert "Freeway" in text and "world model" in text and max(len(ln) for ln in text.splitlines()) <= 100
     assert "frames, sticky 0.25)" in text  # the protocol the players were evaluated under
+    silent = [g for g, v in rep["checks"]["reward_head_silent"].items() if v]
+    assert set(rep["checks"]["reward_head_silent"]) == {"Freeway", "Breakout"}
+    assert ("reward head's argmax" in text) == bool(silent)  # the note names the games whose reward head is silent
     ev = json.loads((tmp_path / "L" / "eval" / "greedy.json").read_text())
     assert all(ev["games"][g]["settings"]["sticky"] == 0.25 for g in ("Freeway", "Breakout"))
     # the main job's summary (this report + fine-tuning + the pictures) fits 100 columns on a wide terminal too
