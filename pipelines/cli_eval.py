@@ -96,18 +96,23 @@ def eval_cmd(args, tokenizer, games, episodes, planner, horizon, beam_width, his
 
 def results_table(doc: dict):
     """A rich table: one row per game. H, K and the history show only for the planners that use them; std is the
-    sample std over episodes."""
+    sample std over episodes; "top action" is the action sent most often and its share of all decisions (near 100%:
+    a constant policy)."""
     from rich.table import Table
 
     t = Table(title=f"jowa eval {doc.get('checkpoint') or doc.get('model_free') or ''}")
-    for col in ("game", "planner", "H", "K", "hist", "episodes", "mean", "std", "min", "max", "steps", "dec/s"):
+    for col in ("game", "planner", "H", "K", "hist", "episodes", "mean", "std", "min", "max", "steps", "top action",
+                "dec/s"):
         t.add_column(col, justify="left" if col in ("game", "planner") else "right")
     for g, d in doc["games"].items():
         s, r = d["settings"], d["returns"]
-        dps = d.get("decisions_per_s")
+        dps, counts = d.get("decisions_per_s"), d.get("action_counts") or {}
+        top = max(counts, key=counts.get) if sum(counts.values()) else None
         t.add_row(g, s["planner"], str(s.get("horizon", "-")), str(s.get("beam_width", "-")),
                   str(s.get("history", "-")), str(len(r)), f"{d['mean']:.1f}", f"{d['std']:.1f}", f"{min(r):.0f}",
-                  f"{max(r):.0f}", f"{sum(d['lengths']) / len(r):.0f}", "-" if dps is None else f"{dps:.2f}")
+                  f"{max(r):.0f}", f"{sum(d['lengths']) / len(r):.0f}",
+                  "-" if top is None else f"{top} {counts[top] / sum(counts.values()):.0%}",
+                  "-" if dps is None else f"{dps:.2f}")
     return t
 
 

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from jowa_common.actions import full_to_minimal_table
+from jowa_common.actions import FULL_ACTIONS, full_to_minimal_table
 from jowa_common.config import config_to_dict
 from jowa_common.errors import ConfigError
 from jowa_common.io import atomic_write_json, sha256_file
@@ -117,12 +117,21 @@ class GameResult:
     def decisions_per_s(self) -> float:
         return self.decisions / self.plan_s if self.plan_s > 0 else float("nan")
 
+    def action_counts(self) -> dict[str, int]:
+        """How often each of the game's actions was sent, over all episodes (epsilon draws included), by ALE
+        name in the manifest's order. A player that sends one action almost always is a constant policy,
+        whatever its planner: its return is that action's, not a reaction to the screen."""
+        flat = np.asarray([a for episode in self.actions for a in episode], dtype=np.int64)
+        counts = np.bincount(flat, minlength=len(FULL_ACTIONS))
+        return {name: int(counts[FULL_ACTIONS.index(name)]) for name in self.settings.get("actions", [])}
+
     def to_json(self) -> dict[str, Any]:
-        """The per-game entry of the raw-score JSON (no per-step actions). `std` is the sample std (ddof 1)."""
+        """The per-game entry of the raw-score JSON (per-step actions as counts). `std` is the sample std (ddof 1)."""
         r = np.asarray(self.returns, dtype=np.float64)
         return {"settings": self.settings, "returns": self.returns, "clipped_returns": self.clipped_returns,
                 "lengths": self.lengths, "frames": self.frames, "terminal": self.terminal,
-                "random_actions": self.random_actions, "mean": float(r.mean()), "std": sample_std(r),
+                "random_actions": self.random_actions, "action_counts": self.action_counts(),
+                "mean": float(r.mean()), "std": sample_std(r),
                 "decisions": self.decisions, "decisions_per_s": _finite(self.decisions_per_s), "plan_s": self.plan_s,
                 "encode_s": self.encode_s, "env_s": self.env_s, "wall_s": self.wall_s, "video": self.video}
 

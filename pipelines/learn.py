@@ -36,7 +36,7 @@ import numpy as np
 
 from jowa_common.config import apply_overrides, config_to_dict
 from jowa_common.io import atomic_write_json
-from pipelines.scores import bootstrap_ci, sample_std
+from pipelines.scores import bootstrap_ci, normalize, sample_std
 
 RETURN_KINDS = ("random", "data", "greedy", "beam")
 
@@ -97,12 +97,29 @@ def normalized(v: float, random: float, data: float) -> float:
     return (v - random) / (data - random) if data != random else math.nan
 
 
+NEAR_CONSTANT = 0.95  # a player sending one action on at least this share of its decisions plays a constant policy
+
+
+def top_action(counts: dict[str, int] | None) -> list | None:
+    """[name, share] of the action a player sent most often (None without counts: an older eval file)."""
+    total = sum(counts.values()) if counts else 0
+    if not total:
+        return None
+    name = max(counts, key=counts.get)
+    return [name, counts[name] / total]
+
+
 def learn_checks(games: dict[str, dict[str, Any]], world: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The questions the report answers, from its numbers: does the best planner beat random play / the data on
-    each game, is beam >= greedy on average (normalized by random and data), does the world model beat copying,
+    each game, is beam >= greedy on average over the games (mean human-normalized score of the raw game scores,
+    the paper's aggregate, sec. 4.1; the mean of (v - random) / (data - random) is reported too, but it is not
+    the test: where the data is barely above random play, as SpaceInvaders' epsilon-heavy recordings, a fraction
+    of a point weighs more than a whole game, and under sticky actions the denominator can turn negative and
+    flip the comparison), does the world model beat copying,
     does its reward head ever predict a reward (a balanced accuracy no better than a constant guess's means its
-    argmax is always the majority sign: beam's income-to-date, Eq. 11, is then 0 on that game)."""
-    beats_random, beats_data, norm = {}, {}, {"greedy": [], "beam": []}
+    argmax is always the majority sign: beam's income-to-date, Eq. 11, is then 0 on that game), which players
+    send one action on >= NEAR_CONSTANT of their decisions (a constant policy, not a reaction to the screen)."""
+    beats_random, beats_data, norm, hns = {}, {}, {"greedy": [], "beam": []}, {"greedy": [], "beam": []}
     for g, d in games.items():
         agents = [d[k]["mean"] for k in ("greedy", "beam") if k in d]
         best = max(agents) if agents else math.nan
@@ -111,16 +128,21 @@ def learn_checks(games: dict[str, dict[str, Any]], world: dict[str, dict[str, An
         for k in norm:
             if k in d:
                 norm[k].append(normalized(d[k]["mean"], d["random"]["mean"], d["data"]["mean"]))
+                hns[k].append(d[k]["hns"])
     mean_norm = {k: float(np.nanmean(v)) if v and not all(math.isnan(x) for x in v) else math.nan
                  for k, v in norm.items()}
+    mean_hns = {k: float(np.mean(v)) if v else math.nan for k, v in hns.items()}
     return {"beats_random": beats_random, "beats_data": beats_data,
             "games_beating_data": int(sum(beats_data.values())),
-            "normalized_mean": mean_norm,
-            "beam_ge_greedy": bool(mean_norm["beam"] >= mean_norm["greedy"]) if not any(
-                math.isnan(v) for v in mean_norm.values()) else None,
+            "normalized_mean": mean_norm, "hns_mean": mean_hns,
+            "beam_ge_greedy": bool(mean_hns["beam"] >= mean_hns["greedy"]) if not any(
+                math.isnan(v) for v in mean_hns.values()) else None,
             "world_model_ge_copy": {g: bool(w["token_acc"] >= w["token_acc_copy"]) for g, w in world.items()},
             "reward_head_silent": {g: bool(w["reward_balanced_acc"] <= w["reward_balanced_acc_baseline"] + 1e-9)
-                                   for g, w in world.items() if "reward_balanced_acc" in w}}
+                                   for g, w in world.items() if "reward_balanced_acc" in w},
+            "constant_players": {g: {k: d[k]["top_action"] for k in ("greedy", "beam") if k in d and
+                                     d[k].get("top_action") and d[k]["top_action"][1] >= NEAR_CONSTANT}
+                                 for g, d in games.items()}}
 
 
 def td_flag(rows: list[dict[str, Any]], num_atoms: int, tol: float = 0.05) -> dict[str, Any]:
@@ -383,7 +405,8 @@ def evaluate_stage(cfg: LearnConfig, paths: LearnPaths, games: list) -> dict[str
             row[player] = summarize_returns(d["clipped_returns"], cfg.n_boot, cfg.seed + i) | {
                 "raw_mean": d["mean"], "raw_std": d["std"], "frames_mean": float(np.mean(d["frames"])),
                 "cut_at_cap": int(sum(not t for t in d["terminal"])),
-                "decisions_per_s": d.get("decisions_per_s")}
+                "decisions_per_s": d.get("decisions_per_s"), "top_action": top_action(d.get("action_counts")),
+                "hns": float(normalize(d["mean"], m.scores.random, m.scores.human))}
         res[g] = row
     return res
 
@@ -487,8 +510,11 @@ def render_report(report: dict[str, Any], console) -> None:
     def say(text: str) -> None:
         print_wrapped(console, text)
 
-    say(f"normalized (0 = random, 1 = data), mean over games: greedy {c['normalized_mean']['greedy']:.2f}, "
-        f"beam {c['normalized_mean']['beam']:.2f} (beam >= greedy: {yes[c['beam_ge_greedy']]})")
+    h = c["hns_mean"]
+    say(f"human-normalized score (raw game scores, paper sec. 4.1), mean over games: greedy {h['greedy']:.4f}, "
+        f"beam {h['beam']:.4f} (beam >= greedy: {yes[c['beam_ge_greedy']]}); "
+        f"normalized by this run's random play (0) and the data (1): greedy {c['normalized_mean']['greedy']:.2f}, "
+        f"beam {c['normalized_mean']['beam']:.2f}")
     if q["learned"] is False:
         say(f"[red]FLAG[/]: stage-2 TD loss {q['td_last']:.3f} ~ ln(atoms) {q['ln_atoms']:.3f}: the Q head predicts a "
             "uniform return distribution (it learned no values)")
@@ -498,6 +524,10 @@ def render_report(report: dict[str, Any], console) -> None:
     if silent:
         say(f"[yellow]note[/]: the reward head's argmax is always the majority sign on {', '.join(silent)} (held-out "
             "balanced accuracy = a constant guess's): beam's predicted rewards are 0 there, it plans on Q alone")
+    for g, players in c.get("constant_players", {}).items():
+        for k, (name, share) in players.items():
+            say(f"[yellow]note[/]: {k} sends {name} on {share:.0%} of its decisions in {g}: a constant policy (its "
+                "critic ranks that action first whatever the screen), so its return is that action's")
     tr = report.get("transfer")
     if tr:
         say(f"transfer to {tr['game']} ({tr['transitions']} transitions, {tr['steps']} steps): pretrained "

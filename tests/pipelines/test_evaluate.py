@@ -4,6 +4,7 @@ in frames, invalid actions never reaching the emulator (a brand-new game from a 
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -112,6 +113,9 @@ def test_invalid_actions_never_reach_the_env_new_game(ckpt, tiny_tokenizer_ckpt,
     sent = {a for ep in res.actions for a in ep}
     assert sent <= BOWLING_IDS and len(sent) > 1 and sum(res.random_actions) > 0
     assert [len(a) for a in res.actions] == res.lengths == [12, 12, 12]
+    counts = res.to_json()["action_counts"]  # by name, the manifest's order, every step of every episode
+    assert list(counts) == ["NOOP", "FIRE", "UP", "DOWN", "UPFIRE", "DOWNFIRE"] and sum(counts.values()) == 36
+    assert counts == {n: sum(ep.count(int(i)) for ep in res.actions) for n, i in zip(counts, manifest.full_action_ids)}
     # the same through evaluate() with --manifests: the mask row is set from the manifest
     doc = evaluate(ckpt, tiny_tokenizer_ckpt, ["Bowling"],
                    EvalConfig(episodes=1, planner="greedy", epsilon=0.0, max_frames=8,
@@ -282,6 +286,14 @@ def test_random_and_heuristic_baselines_need_no_model(tmp_path):
     h = evaluate(None, None, ["Freeway"], EvalConfig(planner="heuristic", episodes=2, max_frames=2000))
     f = h["games"]["Freeway"]
     assert f["returns"][0] >= 1 and f["clipped_returns"] == f["returns"]  # the runner crosses the road
+    assert f["action_counts"] == {"NOOP": 0, "UP": sum(f["lengths"]), "DOWN": 0}  # it only ever presses UP
+    from rich.console import Console
+
+    from pipelines.cli_eval import results_table
+
+    con = Console(file=io.StringIO(), width=200)
+    con.print(results_table(h))
+    assert "UP 100%" in con.file.getvalue()  # the table names a constant policy
     r = jowa("eval", "--planner", "greedy", "--games", "Pong")
     assert r.exit_code == 2 and "CHECKPOINT and --tokenizer" in r.output
 

@@ -11,8 +11,9 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
+from jowa_data.manifest import load_manifests
 from pipelines.cli import main
-from pipelines.learn import learn_checks, normalized, render_report, summarize_returns, td_flag
+from pipelines.learn import learn_checks, normalized, render_report, summarize_returns, td_flag, top_action
 from pipelines.scores import bootstrap_ci
 
 
@@ -30,12 +31,13 @@ def test_bootstrap_ci_and_summary_by_hand():
 
 
 def test_checks_on_hand_made_numbers():
-    def r(m):
-        return {"mean": m, "ci": [m, m]}
+    def r(m, hns=None):
+        return {"mean": m, "ci": [m, m]} | ({} if hns is None else {"hns": hns})
 
-    games = {"A": {"random": r(0.0), "data": r(10.0), "greedy": r(12.0), "beam": r(14.0)},
-             "B": {"random": r(2.0), "data": r(4.0), "greedy": r(3.0), "beam": r(3.0)},
-             "C": {"random": r(5.0), "data": r(6.0), "greedy": r(4.0), "beam": r(5.0)}}
+    games = {"A": {"random": r(0.0), "data": r(10.0), "greedy": r(12.0, 0.5) | {"top_action": top_action(
+                       {"NOOP": 1, "UP": 19, "DOWN": 0})}, "beam": r(14.0, 0.4) | {"top_action": ["UP", 0.94]}},
+             "B": {"random": r(2.0), "data": r(4.0), "greedy": r(3.0, 0.1), "beam": r(3.0, 0.1)},
+             "C": {"random": r(5.0), "data": r(6.0), "greedy": r(4.0, 0.0), "beam": r(5.0, 0.05)}}
     world = {"A": {"token_acc": 0.9, "token_acc_copy": 0.8, "reward_balanced_acc": 0.75,
                    "reward_balanced_acc_baseline": 0.5},
              "B": {"token_acc": 0.5, "token_acc_copy": 0.6, "reward_balanced_acc": 0.5,
@@ -47,9 +49,16 @@ def test_checks_on_hand_made_numbers():
     assert normalized(12.0, 0.0, 10.0) == 1.2
     assert math.isclose(c["normalized_mean"]["greedy"], (1.2 + 0.5 - 1.0) / 3)
     assert math.isclose(c["normalized_mean"]["beam"], (1.4 + 0.5 + 0.0) / 3)
-    assert c["beam_ge_greedy"] is True
+    # the test is the paper's aggregate, the mean HNS: greedy 0.2, beam 0.1833 (the data-normalized mean says beam)
+    assert math.isclose(c["hns_mean"]["greedy"], 0.2) and math.isclose(c["hns_mean"]["beam"], 0.55 / 3)
+    assert c["beam_ge_greedy"] is False
+    games["C"]["beam"]["hns"] = 0.1  # beam 0.2 = greedy 0.2: ties count as >=
+    assert learn_checks(games, world)["beam_ge_greedy"] is True
     assert c["world_model_ge_copy"] == {"A": True, "B": False}
     assert c["reward_head_silent"] == {"A": False, "B": True}  # B's reward argmax is the majority sign only
+    # greedy sends UP on 19 of 20 decisions (0.95: constant), beam on 0.94 (not); no counts, no verdict
+    assert c["constant_players"] == {"A": {"greedy": ["UP", 0.95]}, "B": {}, "C": {}}
+    assert top_action({"NOOP": 0, "FIRE": 0}) is None and top_action(None) is None
 
 
 def test_td_flag_spots_a_uniform_return_distribution():
@@ -97,6 +106,18 @@ def test_learn_end_to_end_tiny_and_resume(tmp_path):
     assert ("reward head's argmax" in text) == bool(silent)  # the note names the games whose reward head is silent
     ev = json.loads((tmp_path / "L" / "eval" / "greedy.json").read_text())
     assert all(ev["games"][g]["settings"]["sticky"] == 0.25 for g in ("Freeway", "Breakout"))
+    for g in ("Freeway", "Breakout"):  # the share of the most sent action comes from the eval file's counts
+        counts = ev["games"][g]["action_counts"]
+        name, share = rep["games"][g]["greedy"]["top_action"]
+        assert sum(counts.values()) == sum(ev["games"][g]["lengths"]) and share == counts[name] / sum(counts.values())
+        assert (g in rep["checks"]["constant_players"] and "greedy" in rep["checks"]["constant_players"][g]) == (
+            share >= 0.95)
+        assert (f"greedy sends {name} on" in text) == (share >= 0.95)
+        sc = load_manifests().get(g).scores  # HNS of the raw game score, the manifest's Atari-57 references
+        hns = (ev["games"][g]["mean"] - sc.random) / (sc.human - sc.random)
+        assert math.isclose(rep["games"][g]["greedy"]["hns"], hns)
+    beam_hns = [rep["games"][g]["beam"]["hns"] for g in rep["games"]]
+    assert math.isclose(rep["checks"]["hns_mean"]["beam"], np.mean(beam_hns))
     # the main job's summary (this report + fine-tuning + the pictures) fits 100 columns on a wide terminal too
     from pipelines.demo import render_summary
 
