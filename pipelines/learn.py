@@ -501,11 +501,14 @@ def render_report(report: dict[str, Any], console) -> None:
     c = report["checks"]
     q = report["pretrain"]["q_head"]
     yes = {True: "yes", False: "[red]no[/]", None: "-"}
-    ch = Table(title="checks (the agent: greedy or beam, whichever is higher)")
-    for col in ("game", "agent > random", "agent > data", "world model >= copy"):
+    ch = Table(title="checks (agent = the better of greedy and beam; plays = its most sent action)")
+    for col in ("game", "agent > random", "agent > data", "WM >= copy", "greedy plays", "beam plays"):
         ch.add_column(col, justify="left" if col == "game" else "center")
-    for g in report["games"]:
-        ch.add_row(g, yes[c["beats_random"].get(g)], yes[c["beats_data"].get(g)], yes[c["world_model_ge_copy"].get(g)])
+    for g, row in report["games"].items():
+        plays = [f"{row[k]['top_action'][0]} {row[k]['top_action'][1]:.0%}" if row.get(k, {}).get("top_action")
+                 else "-" for k in ("greedy", "beam")]
+        ch.add_row(g, yes[c["beats_random"].get(g)], yes[c["beats_data"].get(g)], yes[c["world_model_ge_copy"].get(g)],
+                   *plays)
     console.print(ch)
     def say(text: str) -> None:
         print_wrapped(console, text)
@@ -524,10 +527,11 @@ def render_report(report: dict[str, Any], console) -> None:
     if silent:
         say(f"[yellow]note[/]: the reward head's argmax is always the majority sign on {', '.join(silent)} (held-out "
             "balanced accuracy = a constant guess's): beam's predicted rewards are 0 there, it plans on Q alone")
-    for g, players in c.get("constant_players", {}).items():
-        for k, (name, share) in players.items():
-            say(f"[yellow]note[/]: {k} sends {name} on {share:.0%} of its decisions in {g}: a constant policy (its "
-                "critic ranks that action first whatever the screen), so its return is that action's")
+    const = {k: [g for g, players in c.get("constant_players", {}).items() if k in players] for k in ("greedy", "beam")}
+    if any(const.values()):
+        say(f"[yellow]note[/]: constant policies (one action on >= {NEAR_CONSTANT:.0%} of the decisions: the critic "
+            "ranks it first whatever the screen, so the return is that action's): "
+            + "; ".join(f"{k} on {', '.join(gs)}" for k, gs in const.items() if gs))
     tr = report.get("transfer")
     if tr:
         say(f"transfer to {tr['game']} ({tr['transitions']} transitions, {tr['steps']} steps): pretrained "
