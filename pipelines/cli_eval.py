@@ -100,18 +100,19 @@ def results_table(doc: dict):
     a constant policy)."""
     from rich.table import Table
 
+    from pipelines.scores import top_action
+
     t = Table(title=f"jowa eval {doc.get('checkpoint') or doc.get('model_free') or ''}")
     for col in ("game", "planner", "H", "K", "hist", "episodes", "mean", "std", "min", "max", "steps", "top action",
                 "dec/s"):
         t.add_column(col, justify="left" if col in ("game", "planner") else "right")
     for g, d in doc["games"].items():
         s, r = d["settings"], d["returns"]
-        dps, counts = d.get("decisions_per_s"), d.get("action_counts") or {}
-        top = max(counts, key=counts.get) if sum(counts.values()) else None
+        dps, top = d.get("decisions_per_s"), top_action(d.get("action_counts"))
         t.add_row(g, s["planner"], str(s.get("horizon", "-")), str(s.get("beam_width", "-")),
                   str(s.get("history", "-")), str(len(r)), f"{d['mean']:.1f}", f"{d['std']:.1f}", f"{min(r):.0f}",
                   f"{max(r):.0f}", f"{sum(d['lengths']) / len(r):.0f}",
-                  "-" if top is None else f"{top} {counts[top] / sum(counts.values()):.0%}",
+                  "-" if top is None else f"{top[0]} {top[1]:.0%}",
                   "-" if dps is None else f"{dps:.2f}")
     return t
 

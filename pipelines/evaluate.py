@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from jowa_common.actions import FULL_ACTIONS, full_to_minimal_table
+from jowa_common.actions import NUM_FULL_ACTIONS, action_ids, full_to_minimal_table
 from jowa_common.config import config_to_dict
 from jowa_common.errors import ConfigError
 from jowa_common.io import atomic_write_json, sha256_file
@@ -121,9 +121,10 @@ class GameResult:
         """How often each of the game's actions was sent, over all episodes (epsilon draws included), by ALE
         name in the manifest's order. A player that sends one action almost always is a constant policy,
         whatever its planner: its return is that action's, not a reaction to the screen."""
+        names = self.settings.get("actions", [])
         flat = np.asarray([a for episode in self.actions for a in episode], dtype=np.int64)
-        counts = np.bincount(flat, minlength=len(FULL_ACTIONS))
-        return {name: int(counts[FULL_ACTIONS.index(name)]) for name in self.settings.get("actions", [])}
+        counts = np.bincount(flat, minlength=NUM_FULL_ACTIONS)[action_ids(names)]
+        return {name: int(c) for name, c in zip(names, counts)}
 
     def to_json(self) -> dict[str, Any]:
         """The per-game entry of the raw-score JSON (per-step actions as counts). `std` is the sample std (ddof 1)."""

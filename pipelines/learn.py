@@ -36,7 +36,7 @@ import numpy as np
 
 from jowa_common.config import apply_overrides, config_to_dict
 from jowa_common.io import atomic_write_json
-from pipelines.scores import bootstrap_ci, normalize, sample_std
+from pipelines.scores import bootstrap_ci, normalize, sample_std, top_action
 
 RETURN_KINDS = ("random", "data", "greedy", "beam")
 
@@ -98,15 +98,6 @@ def normalized(v: float, random: float, data: float) -> float:
 
 
 NEAR_CONSTANT = 0.95  # a player sending one action on at least this share of its decisions plays a constant policy
-
-
-def top_action(counts: dict[str, int] | None) -> list | None:
-    """[name, share] of the action a player sent most often (None without counts: an older eval file)."""
-    total = sum(counts.values()) if counts else 0
-    if not total:
-        return None
-    name = max(counts, key=counts.get)
-    return [name, counts[name] / total]
 
 
 def learn_checks(games: dict[str, dict[str, Any]], world: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -98,6 +98,16 @@ def sample_std(x: np.ndarray | Sequence[float]) -> float:
     return float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+def top_action(counts: dict[str, int] | None) -> list | None:
+    """[name, share] of the action sent most often, from a raw-score file's `action_counts` (None without counts:
+    an older file, or no decision)."""
+    total = sum(counts.values()) if counts else 0
+    if not total:
+        return None
+    name = max(counts, key=counts.get)
+    return [name, counts[name] / total]
+
+
 def iqm(x: np.ndarray | Sequence[float], axis: int = -1) -> np.ndarray | float:
     """Inter-quartile mean: the 25% trimmed mean."""
     return trim_mean(x, 0.25, axis=axis)

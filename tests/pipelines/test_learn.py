@@ -13,8 +13,8 @@ from rich.console import Console
 
 from jowa_data.manifest import load_manifests
 from pipelines.cli import main
-from pipelines.learn import learn_checks, normalized, render_report, summarize_returns, td_flag, top_action
-from pipelines.scores import bootstrap_ci
+from pipelines.learn import learn_checks, normalized, render_report, summarize_returns, td_flag
+from pipelines.scores import bootstrap_ci, top_action
 
 
 def test_bootstrap_ci_and_summary_by_hand():
